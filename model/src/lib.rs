@@ -1,0 +1,20 @@
+//! Tandem's model engine, shared by prefill and decode nodes.
+//!
+//! - [`config`] — model hyper-parameters from `config.json` or GGUF metadata.
+//! - [`weights`] — kernel-ready weight matrices from any tensor source.
+//! - [`safetensors`] — memory-mapped Hugging Face checkpoints (single/sharded).
+//! - [`gguf`] — GGUF files: metadata, tensors, embedded tokenizer and template.
+//! - [`tokenizer`] — text ↔ token ids, stop tokens.
+//! - [`chat`] — chat templates (minijinja).
+//! - [`kv_cache`] — the paged KV cache (pages, block tables, f32/bf16).
+//! - [`forward`] — the batched forward pass: chunked prefill + paged decode.
+//! - [`sampling`] — greedy/temperature/top-k/top-p sampling, stops, logprobs.
+//! - [`engine`] — loading a model by name or path and generating text.
+//! - [`fetch`] — downloading known models into the local cache.
+
+pub mod config;
+pub mod error;
+pub mod weights;
+
+pub use config::{Architecture, ModelConfig};
+pub use error::{ModelError, Result};
