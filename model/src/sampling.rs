@@ -1,0 +1,216 @@
+//! Turning logits into the next token: greedy, temperature, top-k, top-p,
+//! seeded; with log-probabilities on request.
+
+use crate::error::{ModelError, Result};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How to pick tokens. Validated by [`SamplingParams::validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 means greedy (argmax, ties to the lowest id).
+    pub temperature: f32,
+    /// Keep only the `top_k` most likely tokens; 0 disables.
+    pub top_k: usize,
+    /// Keep the smallest set whose probability reaches `top_p`; 1 disables.
+    pub top_p: f32,
+    /// Seed of the sampler's random stream; the same seed gives the same
+    /// tokens.
+    pub seed: u64,
+    /// How many alternatives to report with each token's log-probability
+    /// (`None`: no log-probabilities).
+    pub logprobs: Option<usize>,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: None }
+    }
+}
+
+/// The most alternatives a caller may ask for (OpenAI allows 20).
+pub const MAX_TOP_LOGPROBS: usize = 20;
+
+impl SamplingParams {
+    pub fn validate(&self) -> Result<()> {
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return Err(ModelError::Request(format!("temperature must be a finite number ≥ 0, got {}", self.temperature)));
+        }
+        if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
+            return Err(ModelError::Request(format!("top_p must be in (0, 1], got {}", self.top_p)));
+        }
+        if self.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
+            return Err(ModelError::Request(format!("at most {MAX_TOP_LOGPROBS} top logprobs")));
+        }
+        Ok(())
+    }
+
+    pub fn is_greedy(&self) -> bool {
+        self.temperature == 0.0 || self.top_k == 1
+    }
+}
+
+/// One chosen token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub token: u32,
+    /// log p(token) under the model's distribution (temperature 1, before
+    /// any filtering), when asked for.
+    pub logprob: Option<f32>,
+    /// The most likely alternatives with their log-probabilities.
+    pub top_logprobs: Vec<(u32, f32)>,
+}
+
+/// A sampler with its own random stream.
+#[derive(Debug, Clone)]
+pub struct Sampler {
+    params: SamplingParams,
+    rng: StdRng,
+}
+
+impl Sampler {
+    pub fn new(params: SamplingParams) -> Result<Self> {
+        params.validate()?;
+        let rng = StdRng::seed_from_u64(params.seed);
+        Ok(Self { params, rng })
+    }
+
+    pub fn params(&self) -> &SamplingParams {
+        &self.params
+    }
+
+    /// Picks the next token from `logits` (one row, vocabulary-sized).
+    pub fn sample(&mut self, logits: &[f32]) -> Result<Sampled> {
+        if logits.is_empty() {
+            return Err(ModelError::Request("no logits to sample from".into()));
+        }
+        if logits.iter().any(|v| v.is_nan()) {
+            return Err(ModelError::Request("the model produced NaN logits".into()));
+        }
+        let token = if self.params.is_greedy() { argmax(logits) } else { self.draw(logits) };
+        let (logprob, top_logprobs) = match self.params.logprobs {
+            None => (None, Vec::new()),
+            Some(k) => {
+                let lse = log_sum_exp(logits);
+                let top = top_k_indices(logits, k).into_iter().map(|i| (i as u32, logits[i] - lse)).collect();
+                (Some(logits[token as usize] - lse), top)
+            }
+        };
+        Ok(Sampled { token, logprob, top_logprobs })
+    }
+
+    fn draw(&mut self, logits: &[f32]) -> u32 {
+        let t = self.params.temperature;
+        let k = if self.params.top_k == 0 { logits.len() } else { self.params.top_k.min(logits.len()) };
+        // Candidates by descending logit (ties: lower id first).
+        let cand = top_k_indices(logits, k);
+        let max = logits[cand[0]];
+        let mut probs: Vec<f64> = cand.iter().map(|&i| (((logits[i] - max) / t) as f64).exp()).collect();
+        let total: f64 = probs.iter().sum();
+        probs.iter_mut().for_each(|p| *p /= total);
+        let mut keep = probs.len();
+        if self.params.top_p < 1.0 {
+            let mut acc = 0.0;
+            for (i, p) in probs.iter().enumerate() {
+                acc += p;
+                if acc >= self.params.top_p as f64 {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        let mass: f64 = probs[..keep].iter().sum();
+        let mut u = self.rng.random::<f64>() * mass;
+        for (i, p) in probs[..keep].iter().enumerate() {
+            if u < *p {
+                return cand[i] as u32;
+            }
+            u -= p;
+        }
+        cand[keep - 1] as u32
+    }
+}
+
+/// Index of the largest value; ties go to the lowest index (as torch.argmax).
+pub fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn log_sum_exp(v: &[f32]) -> f32 {
+    let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let s: f64 = v.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    max + s.ln() as f32
+}
+
+/// Indices of the `k` largest values, descending, ties to the lower index.
+fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
+    let k = k.min(v.len());
+    let mut idx: Vec<usize> = (0..v.len()).collect();
+    let cmp = |a: &usize, b: &usize| v[*b].total_cmp(&v[*a]).then(a.cmp(b));
+    if k < idx.len() && k > 0 {
+        idx.select_nth_unstable_by(k - 1, cmp);
+        idx.truncate(k);
+    }
+    idx.sort_by(cmp);
+    idx
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sampler(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Sampler {
+        Sampler::new(SamplingParams { temperature, top_k, top_p, seed, logprobs: Some(3) }).unwrap()
+    }
+
+    #[test]
+    fn greedy_takes_the_first_maximum() {
+        let mut s = sampler(0.0, 0, 1.0, 0);
+        let out = s.sample(&[1.0, 3.0, 3.0, -1.0]).unwrap();
+        assert_eq!(out.token, 1);
+        assert_eq!(out.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2, 0]);
+        let lp = out.logprob.unwrap();
+        let z: f32 = [1.0f32, 3.0, 3.0, -1.0].iter().map(|x| x.exp()).sum();
+        assert!((lp - (3.0f32.exp() / z).ln()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn seeded_sampling_is_reproducible_and_respects_filters() {
+        let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
+        let run = |seed| {
+            let mut s = sampler(0.8, 0, 1.0, seed);
+            (0..64).map(|_| s.sample(&logits).unwrap().token).collect::<Vec<_>>()
+        };
+        assert_eq!(run(42), run(42));
+        assert_ne!(run(42), run(43));
+
+        // top_k = 2 only ever yields the two best ids (6 and 13: logit 1.8).
+        let mut s = sampler(5.0, 2, 1.0, 1);
+        for _ in 0..200 {
+            let t = s.sample(&logits).unwrap().token;
+            assert!(t == 6 || t == 13, "{t}");
+        }
+        // A tiny top_p keeps only the single most likely token.
+        let mut s = sampler(1.0, 0, 1e-6, 1);
+        for _ in 0..50 {
+            assert_eq!(s.sample(&logits).unwrap().token, 6);
+        }
+    }
+
+    #[test]
+    fn rejects_bad_parameters_and_nan_logits() {
+        for (t, p) in [(-1.0, 1.0), (f32::NAN, 1.0), (1.0, 0.0), (1.0, 1.5), (f32::INFINITY, 1.0)] {
+            let params = SamplingParams { temperature: t, top_p: p, ..Default::default() };
+            assert!(Sampler::new(params).is_err(), "t={t} p={p}");
+        }
+        let mut s = sampler(0.0, 0, 1.0, 0);
+        assert!(s.sample(&[0.0, f32::NAN]).is_err());
+        assert!(s.sample(&[]).is_err());
+    }
+}
