@@ -4,10 +4,30 @@
 //! borrowed from wherever the loader found them (usually a memory map).
 //! [`matmul`] multiplies `m` activation rows by it without ever
 //! dequantizing the whole matrix.
+//!
+//! - `exact` — weights dequantized exactly to f32 panels, f32 FMA
+//!   microkernels ([`Precision::Exact`], and every float dtype).
+//! - `fast` — activations quantized per 32 to i8, integer dot products on
+//!   unpacked weight panels ([`Precision::Fast`] on Q8_0/Q4_0/Q4_1/Q4_K).
+//!
+//! Both tile the product (several activation rows × several weight rows per
+//! microkernel call, column chunks over the rayon pool) but give every output
+//! element the same operation sequence, so results never depend on `m`, on
+//! neighbouring rows or on the thread count.
 
+mod exact;
+mod fast;
+#[cfg(test)]
+mod tests;
+
+use crate::cpu::SimdLevel;
 use crate::quant::dequantize_row;
 use crate::{DType, KernelError, SharedBytes};
 use rayon::prelude::*;
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::ops::Range;
+use std::thread::LocalKey;
 
 /// How a product may trade accuracy for speed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -90,31 +110,86 @@ impl WeightMatrix {
 }
 
 /// `out[i][j] = Σ_k x[i][k] · W[j][k]` for `m` rows of `x` (`m × cols`,
-/// row-major); `out` is `m × rows`.
+/// row-major); `out` is `m × rows`. Runs on the global rayon pool when the
+/// product is big enough to pay for it.
+///
+/// Row `i` of `out` is bit-identical whatever `m`, the other rows of `x` and
+/// the thread count are: every output element is computed by the same
+/// sequence of floating-point operations however the work is tiled.
 pub fn matmul(w: &WeightMatrix, x: &[f32], m: usize, out: &mut [f32], precision: Precision) {
+    matmul_with(crate::cpu::simd_level(), w, x, m, out, precision);
+}
+
+/// [`matmul`] at a given SIMD level (tests compare the levels; a level above
+/// what the CPU supports is lowered to the detected one).
+pub fn matmul_with(level: SimdLevel, w: &WeightMatrix, x: &[f32], m: usize, out: &mut [f32], precision: Precision) {
     let (n, k) = (w.rows, w.cols);
     assert_eq!(x.len(), m * k, "matmul: x is not m×cols");
     assert_eq!(out.len(), m * n, "matmul: out is not m×rows");
-    let _ = precision;
-    // Rows of W in parallel; each thread dequantizes one row at a time and
-    // dots it with every activation row, so W is read once per call.
-    let cols: Vec<(usize, Vec<f32>)> = (0..n)
-        .into_par_iter()
-        .map_init(
-            || vec![0f32; k],
-            |row, j| {
-                dequantize_row(w.dtype, w.row_bytes(j), row);
-                (j, (0..m).map(|i| dot(&x[i * k..(i + 1) * k], row)).collect())
-            },
-        )
-        .collect();
-    for (j, vals) in cols {
-        for (i, v) in vals.into_iter().enumerate() {
-            out[i * n + j] = v;
-        }
+    let level = level.min(crate::cpu::simd_level());
+    if m == 0 || n == 0 {
+        return;
+    }
+    let out = OutPtr { ptr: out.as_mut_ptr(), n, _out: PhantomData };
+    if precision == Precision::Fast && fast::supports(w.dtype) {
+        fast::matmul(level, w, x, m, out);
+    } else {
+        exact::matmul(level, w, x, m, out);
     }
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    a.iter().zip(b).map(|(x, y)| x * y).sum()
+/// The output matrix (`m × n`, row-major) shared by the workers of one
+/// product, each of which writes only its own columns.
+#[derive(Clone, Copy)]
+struct OutPtr<'a> {
+    ptr: *mut f32,
+    n: usize,
+    _out: PhantomData<&'a mut [f32]>,
+}
+
+// SAFETY: workers write disjoint columns (see `write`), and the borrow of the
+// output outlives the parallel section, so sharing the pointer is sound.
+unsafe impl Send for OutPtr<'_> {}
+// SAFETY: as above.
+unsafe impl Sync for OutPtr<'_> {}
+
+impl OutPtr<'_> {
+    /// # Safety
+    /// `(i, j)` lies inside the `m × n` output, and no other thread accesses
+    /// column `j` during this product.
+    #[inline]
+    unsafe fn write(self, i: usize, j: usize, v: f32) {
+        // SAFETY: in bounds and unshared, per the caller.
+        unsafe { *self.ptr.add(i * self.n + j) = v }
+    }
+}
+
+/// Products below this many multiply-adds run on the calling thread: rayon's
+/// fork/join costs a few microseconds.
+const PARALLEL_MIN_MACS: usize = 1 << 19;
+/// Column chunks per thread, for load balance.
+const CHUNKS_PER_THREAD: usize = 4;
+
+/// Runs `f` over disjoint column ranges covering `0..n`, each a multiple of
+/// `panel` wide except the last, in parallel when the product is large.
+fn for_each_column_chunk(n: usize, m: usize, k: usize, panel: usize, f: impl Fn(Range<usize>) + Sync) {
+    let threads = rayon::current_num_threads();
+    let panels = n.div_ceil(panel);
+    let macs = m.saturating_mul(n).saturating_mul(k);
+    if threads <= 1 || panels <= 1 || macs < PARALLEL_MIN_MACS {
+        return f(0..n);
+    }
+    let chunks = panels.min(threads * CHUNKS_PER_THREAD);
+    let width = panels.div_ceil(chunks) * panel;
+    (0..n.div_ceil(width)).into_par_iter().for_each(|c| f(c * width..((c + 1) * width).min(n)));
+}
+
+/// Takes a scratch value out of a thread-local slot and puts it back after
+/// `f` (re-entrant, unlike a `RefCell` borrow: a nested call on the same
+/// thread just starts from an empty value).
+fn with_scratch<T: Default + 'static, R>(slot: &'static LocalKey<Cell<T>>, f: impl FnOnce(&mut T) -> R) -> R {
+    let mut value = slot.take();
+    let r = f(&mut value);
+    slot.set(value);
+    r
 }

@@ -49,7 +49,9 @@ pub struct Model {
 pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
     let d = config.head_dim;
     let base = config.rope.theta as f64;
-    let mut inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / base.powf((2 * i) as f64 / d as f64)) as f32).collect();
+    let mut inv: Vec<f32> = (0..d / 2)
+        .map(|i| (1.0 / base.powf((2 * i) as f64 / d as f64)) as f32)
+        .collect();
     if let Some(s) = config.rope.llama3_scaling {
         let old = s.original_max_position_embeddings as f32;
         let low_wavelen = old / s.low_freq_factor;
@@ -59,7 +61,8 @@ pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
             if wavelen > low_wavelen {
                 *f /= s.factor;
             } else if wavelen >= high_wavelen {
-                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                let smooth =
+                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                 *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
             }
         }
@@ -83,7 +86,12 @@ struct Buffers {
 impl Model {
     pub fn new(config: ModelConfig, weights: Weights, precision: Precision) -> Self {
         let inv_freq = rope_inv_freq(&config);
-        Self { config, weights, inv_freq, precision }
+        Self {
+            config,
+            weights,
+            inv_freq,
+            precision,
+        }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -111,12 +119,17 @@ impl Model {
     pub fn forward(&self, cache: &mut KvCache, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         if *cache.geometry() != self.kv_geometry(cache.geometry().page_tokens) {
-            return Err(ModelError::Request("KV cache geometry does not match the model".into()));
+            return Err(ModelError::Request(
+                "KV cache geometry does not match the model".into(),
+            ));
         }
         // Validate everything before touching any state.
         for step in steps.iter() {
             if let Some(&bad) = step.tokens.iter().find(|&&t| t as usize >= c.vocab_size) {
-                return Err(ModelError::Request(format!("token id {bad} is outside the vocabulary (size {})", c.vocab_size)));
+                return Err(ModelError::Request(format!(
+                    "token id {bad} is outside the vocabulary (size {})",
+                    c.vocab_size
+                )));
             }
             let end = step.seq.len() + step.tokens.len();
             if end > c.max_position_embeddings {
@@ -125,8 +138,13 @@ impl Model {
                     c.max_position_embeddings
                 )));
             }
-            if !step.tokens.is_empty() && !cache.is_writable(step.seq, step.seq.len()) && step.seq.len() % cache.geometry().page_tokens != 0 {
-                return Err(ModelError::Request("sequence would write into a shared KV page".into()));
+            if !step.tokens.is_empty()
+                && !cache.is_writable(step.seq, step.seq.len())
+                && step.seq.len() % cache.geometry().page_tokens != 0
+            {
+                return Err(ModelError::Request(
+                    "sequence would write into a shared KV page".into(),
+                ));
             }
         }
         for step in steps.iter_mut() {
@@ -152,7 +170,10 @@ impl Model {
             gate: vec![0.0; n * c.intermediate_size],
             up: vec![0.0; n * c.intermediate_size],
         };
-        let tokens: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        let tokens: Vec<u32> = steps
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
         for (row, &t) in b.x.chunks_exact_mut(c.hidden_size).zip(&tokens) {
             self.weights.embed.dequantize_row(t as usize, row);
         }
@@ -173,7 +194,9 @@ impl Model {
                 Logits::Last => len.saturating_sub(1)..len,
                 Logits::All => 0..len,
             };
-            out.push(self.logits(&b.x[(row + pick.start) * c.hidden_size..(row + pick.end) * c.hidden_size]));
+            out.push(self.logits(
+                &b.x[(row + pick.start) * c.hidden_size..(row + pick.end) * c.hidden_size],
+            ));
             let new_len = step.seq.len() + len;
             cache.set_len(step.seq, new_len);
             row += len;
@@ -237,7 +260,10 @@ impl Model {
             }
         }
         for r in 0..n {
-            let (cs, sn) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
+            let (cs, sn) = (
+                &cos[r * half..(r + 1) * half],
+                &sin[r * half..(r + 1) * half],
+            );
             apply_rope(&mut b.q[r * c.q_dim()..(r + 1) * c.q_dim()], d, cs, sn);
             apply_rope(&mut b.k[r * c.kv_dim()..(r + 1) * c.kv_dim()], d, cs, sn);
         }
@@ -248,10 +274,13 @@ impl Model {
         let geometry = *cache.geometry();
         let scale = 1.0 / (d as f32).sqrt();
         let tables: Vec<&[u32]> = steps.iter().map(|s| s.seq.block_table()).collect();
-        let mut run = |pool: &(dyn Fn(&[f32], &AttendArgs<'_>, &mut [f32], &mut Vec<f32>) + Sync)| {
-            b.attn.par_chunks_mut(c.q_dim()).zip(b.q.par_chunks(c.q_dim())).enumerate().for_each_init(
-                Vec::new,
-                |scratch, (r, (out, q))| {
+        let mut run = |pool: &(dyn Fn(&[f32], &AttendArgs<'_>, &mut [f32], &mut Vec<f32>)
+                             + Sync)| {
+            b.attn
+                .par_chunks_mut(c.q_dim())
+                .zip(b.q.par_chunks(c.q_dim()))
+                .enumerate()
+                .for_each_init(Vec::new, |scratch, (r, (out, q))| {
                     let (s, pos) = rows[r];
                     let group = c.group_size() * d;
                     for kv_head in 0..c.num_kv_heads {
@@ -266,10 +295,11 @@ impl Model {
                         let span = kv_head * group..(kv_head + 1) * group;
                         pool(&q[span.clone()], &args, &mut out[span], scratch);
                     }
-                },
-            )
+                })
         };
-        fn with<T: KvElem>(p: &[T]) -> impl Fn(&[f32], &AttendArgs<'_>, &mut [f32], &mut Vec<f32>) + Sync + '_ {
+        fn with<T: KvElem>(
+            p: &[T],
+        ) -> impl Fn(&[f32], &AttendArgs<'_>, &mut [f32], &mut Vec<f32>) + Sync + '_ {
             move |q, args, out, scratch| attend(q, p, args, out, scratch)
         }
         match cache.pool() {

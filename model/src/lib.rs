@@ -12,9 +12,21 @@
 //! - [`engine`] — loading a model by name or path and generating text.
 //! - [`fetch`] — downloading known models into the local cache.
 
+pub mod chat;
 pub mod config;
 pub mod error;
+pub mod fetch;
+pub mod gguf;
+pub mod tokenizer;
 pub mod weights;
 
+pub use chat::{ChatMessage, ChatTemplate};
 pub use config::{Architecture, ModelConfig};
 pub use error::{ModelError, Result};
+pub use gguf::GgufFile;
+pub use tokenizer::Tokenizer;
+pub mod engine;
+pub mod forward;
+pub mod kv_cache;
+pub mod safetensors;
+pub mod sampling;

@@ -1,19 +1,61 @@
-//! The `tandem` command line.
+//! The `tandem` command line: one module per subcommand, each a thin layer
+//! over the crate that does the work.
+
+mod generate;
+mod model;
 
 use clap::{Parser, Subcommand};
 
-/// Tandem serves LLMs with prefill and decode disaggregated over a shared
-/// KV-cache store.
+/// Tandem serves large language models with prefill and decode
+/// disaggregated over a shared KV-cache store.
+///
+/// Run a model locally:   tandem generate --model smollm2 --chat --prompt "Hi!"
+/// Fetch a known model:   tandem model fetch smollm2
 #[derive(Debug, Parser)]
-#[command(name = "tandem", version, about, long_about = None)]
+#[command(name = "tandem", version, about, long_about, propagate_version = true)]
 pub struct Cli {
+    /// Log filter (e.g. `info`, `tandem_model=debug`); also `RUST_LOG`.
+    #[arg(long, global = true, env = "TANDEM_LOG", default_value = "warn")]
+    pub log: String,
+
     #[command(subcommand)]
     pub command: Command,
 }
 
 #[derive(Debug, Subcommand)]
-pub enum Command {}
+pub enum Command {
+    /// Generate text with a model in this process (no cluster): streams
+    /// tokens and reports prefill and decode speed.
+    Generate(Box<generate::GenerateArgs>),
+    /// Fetch, list and inspect models.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+}
 
+/// Runs the parsed command.
 pub fn run(cli: Cli) -> anyhow::Result<()> {
-    match cli.command {}
+    init_tracing(&cli.log);
+    match cli.command {
+        Command::Generate(args) => generate::run(*args),
+        Command::Model(cmd) => model::run(cmd),
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(filter))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    // A second initialisation (tests) is harmless.
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+/// Sizes the global compute pool; 0 keeps rayon's default (all cores).
+pub(crate) fn set_threads(threads: usize) -> anyhow::Result<()> {
+    if threads > 0 {
+        rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build_global()
+            .map_err(|e| anyhow::anyhow!("cannot size the thread pool: {e}"))?;
+    }
+    Ok(())
 }

@@ -4,10 +4,31 @@
 //! `dequantize_row` reproduces the float weights bit for bit as ggml defines
 //! them (`w = d * q`, `w = d * q + m`, …).
 
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod avx2;
+mod encode;
+pub mod q8;
+
+pub use encode::quantize_row;
+
+use crate::cpu::SimdLevel;
 use crate::DType;
 use half::{bf16, f16};
 
-fn f16_at(b: &[u8], i: usize) -> f32 {
+/// [`dequantize_row`] at a given SIMD level; bit-identical results at every
+/// level (the SIMD code performs the same rounded operations).
+pub fn dequantize_row_with(level: SimdLevel, dtype: DType, src: &[u8], out: &mut [f32]) {
+    assert_eq!(Some(src.len()), dtype.row_bytes(out.len()).ok(), "dequantize_row: row length");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `SimdLevel::Avx2` is only reported when the CPU has AVX2,
+        // FMA and F16C; the row length was checked above.
+        SimdLevel::Avx2 => unsafe { avx2::dequantize_row(dtype, src, out) },
+        _ => dequantize_row(dtype, src, out),
+    }
+}
+
+pub(crate) fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
@@ -74,7 +95,7 @@ pub fn dequantize_row(dtype: DType, src: &[u8], out: &mut [f32]) {
 }
 
 /// ggml's `get_scale_min_k4`: the 6-bit scale and min of sub-block `j`.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {

