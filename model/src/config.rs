@@ -96,13 +96,13 @@ impl ModelConfig {
                 return bad(format!("{name} = {v} is out of range 1..={max}"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return bad(format!(
                 "num_attention_heads ({}) is not a multiple of num_key_value_heads ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!(
                 "head_dim ({}) must be even for RoPE",
                 self.head_dim
@@ -372,7 +372,7 @@ mod tests {
     fn rejects_missing_and_absurd_fields() {
         let missing = r#"{"model_type": "llama", "hidden_size": 256}"#;
         let e = ModelConfig::from_hf_json(missing).unwrap_err().to_string();
-        assert!(e.contains("missing 'intermediate_size'"), "{e}");
+        assert!(e.contains("missing 'num_attention_heads'"), "{e}");
 
         for (field, value, expect) in [
             ("num_key_value_heads", "3", "not a multiple"),

@@ -271,40 +271,19 @@ impl Model {
             let kv = r * c.kv_dim()..(r + 1) * c.kv_dim();
             cache.write(steps[s].seq, l, pos, &b.k[kv.clone()], &b.v[kv]);
         }
-        let geometry = *cache.geometry();
-        let scale = 1.0 / (d as f32).sqrt();
-        let tables: Vec<&[u32]> = steps.iter().map(|s| s.seq.block_table()).collect();
-        let mut run = |pool: &(dyn Fn(&[f32], &AttendArgs<'_>, &mut [f32], &mut Vec<f32>)
-                             + Sync)| {
-            b.attn
-                .par_chunks_mut(c.q_dim())
-                .zip(b.q.par_chunks(c.q_dim()))
-                .enumerate()
-                .for_each_init(Vec::new, |scratch, (r, (out, q))| {
-                    let (s, pos) = rows[r];
-                    let group = c.group_size() * d;
-                    for kv_head in 0..c.num_kv_heads {
-                        let args = AttendArgs {
-                            geometry,
-                            layer: l,
-                            kv_head,
-                            block_table: tables[s],
-                            context_len: pos + 1,
-                            scale,
-                        };
-                        let span = kv_head * group..(kv_head + 1) * group;
-                        pool(&q[span.clone()], &args, &mut out[span], scratch);
-                    }
-                })
+        let job = AttentionJob {
+            geometry: *cache.geometry(),
+            layer: l,
+            rows,
+            tables: steps.iter().map(|s| s.seq.block_table()).collect(),
+            q_dim: c.q_dim(),
+            group_dim: c.group_size() * d,
+            num_kv_heads: c.num_kv_heads,
+            scale: 1.0 / (d as f32).sqrt(),
         };
-        fn with<T: KvElem>(
-            p: &[T],
-        ) -> impl Fn(&[f32], &AttendArgs<'_>, &mut [f32], &mut Vec<f32>) + Sync + '_ {
-            move |q, args, out, scratch| attend(q, p, args, out, scratch)
-        }
         match cache.pool() {
-            KvPool::F32(p) => run(&with(p)),
-            KvPool::BF16(p) => run(&with(p)),
+            KvPool::F32(p) => job.run(p, &b.q, &mut b.attn),
+            KvPool::BF16(p) => job.run(p, &b.q, &mut b.attn),
         }
         matmul(&w.wo, &b.attn, n, &mut b.o, self.precision);
         b.x.iter_mut().zip(&b.o).for_each(|(x, o)| *x += o);
@@ -318,5 +297,41 @@ impl Model {
         silu_mul(&mut b.gate, &b.up);
         matmul(&w.w_down, &b.gate, n, &mut b.o, self.precision);
         b.x.iter_mut().zip(&b.o).for_each(|(x, o)| *x += o);
+    }
+}
+
+/// Attention of every new token row against its sequence's pages, in
+/// parallel over rows.
+struct AttentionJob<'a> {
+    geometry: KvGeometry,
+    layer: usize,
+    rows: &'a [(usize, usize)],
+    tables: Vec<&'a [u32]>,
+    q_dim: usize,
+    group_dim: usize,
+    num_kv_heads: usize,
+    scale: f32,
+}
+
+impl AttentionJob<'_> {
+    fn run<T: KvElem>(&self, pool: &[T], q: &[f32], out: &mut [f32]) {
+        out.par_chunks_mut(self.q_dim).zip(q.par_chunks(self.q_dim)).enumerate().for_each_init(
+            Vec::new,
+            |scratch, (r, (out, q))| {
+                let (s, pos) = self.rows[r];
+                for kv_head in 0..self.num_kv_heads {
+                    let args = AttendArgs {
+                        geometry: self.geometry,
+                        layer: self.layer,
+                        kv_head,
+                        block_table: self.tables[s],
+                        context_len: pos + 1,
+                        scale: self.scale,
+                    };
+                    let span = kv_head * self.group_dim..(kv_head + 1) * self.group_dim;
+                    attend(&q[span.clone()], pool, &args, &mut out[span], scratch);
+                }
+            },
+        )
     }
 }

@@ -166,7 +166,7 @@ impl KvCache {
     /// A new sequence sharing the first `tokens` tokens of `src`, which must
     /// be a whole number of pages (only full pages are ever shared).
     pub fn share_prefix(&mut self, src: &SeqKv, tokens: usize) -> Result<SeqKv> {
-        if tokens % self.geometry.page_tokens != 0 || tokens > src.len {
+        if !tokens.is_multiple_of(self.geometry.page_tokens) || tokens > src.len {
             return Err(ModelError::Request(format!(
                 "can only share whole cached pages: {tokens} tokens of {} with pages of {}",
                 src.len, self.geometry.page_tokens
