@@ -97,6 +97,9 @@ batch_csv="$(IFS=,; echo "${BATCHES[*]}")"
 LLAMA_CMD="$PY bench/llama_cpp_baseline.py --model <smollm2 gguf> --threads $THREADS --prompt-tokens $PROMPT_TOKENS --decode-tokens $DECODE_TOKENS --batch $batch_csv --runs 1 --json OUT"
 TANDEM_CMD="$TANDEM generate --model smollm2 --prompt-ids <prompt ids> --max-tokens $DECODE_TOKENS --ignore-eos --temperature 0 --threads $THREADS --batch B --json"
 
+# Other work on the machine skews both engines (llama.cpp's OpenMP threads
+# spin and suffer most); the load averages around the runs are recorded.
+LOADAVG_BEFORE="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || true)"
 for ((r = 1; r <= RUNS; r++)); do
     if [[ -z "$LLAMA_ERROR" ]]; then
         say "run $r/$RUNS: llama.cpp"
@@ -125,6 +128,7 @@ done
 # --- Combine -----------------------------------------------------------------
 mkdir -p "$(dirname "$OUT")"
 export WORK RUNS THREADS OUT PROMPT_TOKENS DECODE_TOKENS TANDEM_ERROR LLAMA_ERROR LLAMA_CMD TANDEM_CMD
+LOADAVG_AFTER="$(cut -d' ' -f1-3 /proc/loadavg 2>/dev/null || true)"
 BATCHES_CSV="$batch_csv"
 GGUF_NAME="$(basename "$GGUF")"
 CPU_MODEL="$(grep -m1 'model name' /proc/cpuinfo 2>/dev/null | cut -d: -f2- | sed 's/^ *//' || true)"
@@ -134,7 +138,7 @@ DATE="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 COMMIT="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 # GIT_OPTIONAL_LOCKS=0: a read-only status that never refreshes the index.
 DIRTY="$(GIT_OPTIONAL_LOCKS=0 git status --porcelain --untracked-files=no 2>/dev/null || true)"
-export BATCHES_CSV GGUF_NAME CPU_MODEL NPROC KERNEL DATE COMMIT DIRTY
+export BATCHES_CSV GGUF_NAME CPU_MODEL NPROC KERNEL DATE COMMIT DIRTY LOADAVG_BEFORE LOADAVG_AFTER
 python3 - <<'PY'
 import glob, json, os, statistics
 
@@ -228,6 +232,7 @@ result = {
     "machine": {
         "cpu": env["CPU_MODEL"], "nproc": int(env["NPROC"]), "kernel": env["KERNEL"],
         "date": env["DATE"], "commit": env["COMMIT"] + ("-dirty" if env["DIRTY"] else ""),
+        "loadavg_before": env["LOADAVG_BEFORE"], "loadavg_after": env["LOADAVG_AFTER"],
     },
     "notes": "ratios are Tandem / llama.cpp tokens per second (above 1: Tandem is faster); "
     "b16_over_b1 is Tandem's batching gain; medians over runs, engines alternating",

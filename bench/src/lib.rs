@@ -1,1 +1,12 @@
 //! Tandem's benchmark harness.
+//!
+//! - [`baseline`] — physical limits measured in the same run (memory read
+//!   bandwidth), so results are reported as ratios, not absolute times.
+//! - [`stats`] — medians and result files under `bench/results/`.
+//!
+//! Binaries: `bench-attention` (paged decode attention vs memory
+//! bandwidth, paged vs contiguous). The engine benchmark against llama.cpp
+//! is `bench/run_engine_bench.sh`.
+
+pub mod baseline;
+pub mod stats;

@@ -6,11 +6,12 @@
 //! table lists its pages in order; token `t` lives in page
 //! `table[t / page_tokens]`, slot `t % page_tokens`.
 //!
-//! [`attend`] computes one query token against one KV head for the `group`
-//! query heads that share it (GQA), reading each K and V row once. Prefill
-//! calls it once per new token with the causal context length, decode once
-//! per sequence, so a token's result never depends on how requests were
-//! batched or chunked.
+//! [`attend`] computes all query heads of one token. It streams the
+//! sequence's K rows (every KV head of a token is one contiguous row) and
+//! then its V rows, each read once for all the query heads that share a KV
+//! head (GQA). Prefill calls it once per new token with the causal context
+//! length, decode once per sequence, so a token's result never depends on
+//! how requests were batched or chunked.
 
 use crate::cpu::{simd_level, SimdLevel};
 use half::bf16;
@@ -81,12 +82,11 @@ impl KvGeometry {
     }
 }
 
-/// One attention problem: a query token's heads for one KV head.
+/// One attention problem: every query head of one token.
 #[derive(Debug, Clone, Copy)]
 pub struct AttendArgs<'a> {
     pub geometry: KvGeometry,
     pub layer: usize,
-    pub kv_head: usize,
     /// The sequence's pages, in token order.
     pub block_table: &'a [u32],
     /// Attend to tokens `0..context_len` (causal: the query's position + 1).
@@ -95,11 +95,13 @@ pub struct AttendArgs<'a> {
     pub scale: f32,
 }
 
-/// `out[g] = softmax(q[g] · Kᵀ · scale) · V` for the `q.len() / head_dim`
-/// query heads sharing `args.kv_head`. `scratch` is reused between calls.
+/// `out[h] = softmax(q[h] · K[kv(h)]ᵀ · scale) · V[kv(h)]` for every query
+/// head `h` of `q` (`num_heads × head_dim`, heads grouped by KV head as in
+/// Llama: query head `h` uses KV head `h / group`). `scratch` is reused
+/// between calls.
 pub fn attend<T: KvElem>(q: &[f32], pool: &[T], args: &AttendArgs<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
-    let d = args.geometry.head_dim;
-    assert!(d > 0 && q.len() % d == 0, "attend: q is not whole heads");
+    let row = args.geometry.row_elems();
+    assert!(row > 0 && q.len().is_multiple_of(row), "attend: q is not a whole number of head groups");
     assert_eq!(q.len(), out.len(), "attend: out length");
     assert!(args.context_len > 0, "attend: empty context");
     let pages_needed = args.context_len.div_ceil(args.geometry.page_tokens);
@@ -237,42 +239,48 @@ fn attend_impl<T: KvElem, M: VecMath>(
     scratch: &mut Vec<f32>,
 ) {
     let geo = &args.geometry;
-    let d = geo.head_dim;
-    let group = q.len() / d;
+    let (d, row) = (geo.head_dim, geo.row_elems());
+    let heads = q.len() / d;
+    let group = heads / geo.num_kv_heads;
     let ctx = args.context_len;
+    let pages = ctx.div_ceil(geo.page_tokens);
     scratch.clear();
-    scratch.resize(group * ctx + d, 0.0);
-    let (scores, row_buf) = scratch.split_at_mut(group * ctx);
-    let head_off = args.kv_head * d;
+    scratch.resize(heads * ctx + row, 0.0);
+    let (scores, row_buf) = scratch.split_at_mut(heads * ctx);
 
-    // Scores: each K row is read once for the whole group.
+    // Scores: the K rows of a page are contiguous; each is read once for
+    // all query heads.
     let mut t = 0;
-    for &page in args.block_table.iter().take(ctx.div_ceil(geo.page_tokens)) {
+    for &page in &args.block_table[..pages] {
         let slots = geo.page_tokens.min(ctx - t);
+        let base = geo.k_offset(page as usize, args.layer, 0);
         for slot in 0..slots {
-            let k = geo.k_offset(page as usize, args.layer, slot) + head_off;
-            T::with_f32(&pool[k..k + d], row_buf, |k| {
-                for g in 0..group {
-                    scores[g * ctx + t] = M::dot(&q[g * d..(g + 1) * d], k) * args.scale;
+            let k = base + slot * row;
+            T::with_f32(&pool[k..k + row], row_buf, |k| {
+                for h in 0..heads {
+                    let kv = h / group;
+                    scores[h * ctx + t] = M::dot(&q[h * d..(h + 1) * d], &k[kv * d..(kv + 1) * d]) * args.scale;
                 }
             });
             t += 1;
         }
     }
-    for g in 0..group {
-        crate::ops::softmax(&mut scores[g * ctx..(g + 1) * ctx]);
+    for h in 0..heads {
+        crate::ops::softmax(&mut scores[h * ctx..(h + 1) * ctx]);
     }
 
-    // Weighted sum of V rows, again one read per row for the group.
+    // Weighted sum of the V rows, again one read per row.
     out.fill(0.0);
     let mut t = 0;
-    for &page in args.block_table.iter().take(ctx.div_ceil(geo.page_tokens)) {
+    for &page in &args.block_table[..pages] {
         let slots = geo.page_tokens.min(ctx - t);
+        let base = geo.v_offset(page as usize, args.layer, 0);
         for slot in 0..slots {
-            let v = geo.v_offset(page as usize, args.layer, slot) + head_off;
-            T::with_f32(&pool[v..v + d], row_buf, |v| {
-                for g in 0..group {
-                    M::axpy(&mut out[g * d..(g + 1) * d], scores[g * ctx + t], v);
+            let v = base + slot * row;
+            T::with_f32(&pool[v..v + row], row_buf, |v| {
+                for h in 0..heads {
+                    let kv = h / group;
+                    M::axpy(&mut out[h * d..(h + 1) * d], scores[h * ctx + t], &v[kv * d..(kv + 1) * d]);
                 }
             });
             t += 1;
@@ -306,49 +314,56 @@ mod tests {
     #[test]
     fn paged_attention_matches_dense_reference_on_both_paths() {
         let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-        let geo = KvGeometry { page_tokens: 4, num_layers: 2, num_kv_heads: 2, head_dim: 16 };
-        let pages = 6;
-        let mut pool = vec![0f32; pages * geo.page_elems()];
+        let (kv_heads, d, group) = (2, 16, 3);
+        let geo = KvGeometry { page_tokens: 4, num_layers: 2, num_kv_heads: kv_heads, head_dim: d };
+        let mut pool = vec![0f32; 6 * geo.page_elems()];
         // A scattered block table: the sequence owns pages 5, 1, 3.
         let table = [5u32, 1, 3];
-        let ctx = 10;
-        let (layer, kv_head, group) = (1, 1, 3);
-        let (mut ks, mut vs) = (vec![], vec![]);
+        let (ctx, layer) = (10, 1);
+        // ks[h][t], vs[h][t]: KV head h's rows.
+        let mut ks = vec![vec![]; kv_heads];
+        let mut vs = vec![vec![]; kv_heads];
         for t in 0..ctx {
             let (page, slot) = (table[t / 4] as usize, t % 4);
-            let k: Vec<f32> = (0..16).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let v: Vec<f32> = (0..16).map(|_| rng.random_range(-1.0..1.0)).collect();
-            let ko = geo.k_offset(page, layer, slot) + kv_head * 16;
-            let vo = geo.v_offset(page, layer, slot) + kv_head * 16;
-            pool[ko..ko + 16].copy_from_slice(&k);
-            pool[vo..vo + 16].copy_from_slice(&v);
-            ks.push(k);
-            vs.push(v);
+            for h in 0..kv_heads {
+                let k: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let v: Vec<f32> = (0..d).map(|_| rng.random_range(-1.0..1.0)).collect();
+                let ko = geo.k_offset(page, layer, slot) + h * d;
+                let vo = geo.v_offset(page, layer, slot) + h * d;
+                pool[ko..ko + d].copy_from_slice(&k);
+                pool[vo..vo + d].copy_from_slice(&v);
+                ks[h].push(k);
+                vs[h].push(v);
+            }
         }
-        let q: Vec<f32> = (0..group * 16).map(|_| rng.random_range(-2.0..2.0)).collect();
-        let args = AttendArgs { geometry: geo, layer, kv_head, block_table: &table, context_len: ctx, scale: 0.25 };
-        let want = reference(&q, &ks, &vs, 16, 0.25);
+        let heads = kv_heads * group;
+        let q: Vec<f32> = (0..heads * d).map(|_| rng.random_range(-2.0..2.0)).collect();
+        let want = |ctx: usize, ks: &[Vec<Vec<f32>>], vs: &[Vec<Vec<f32>>]| -> Vec<f32> {
+            (0..heads)
+                .flat_map(|h| reference(&q[h * d..(h + 1) * d], &ks[h / group][..ctx], &vs[h / group][..ctx], d, 0.25))
+                .collect()
+        };
+        let close = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| (x - y).abs() < 1e-5);
+        let args = AttendArgs { geometry: geo, layer, block_table: &table, context_len: ctx, scale: 0.25 };
         let (mut fast, mut slow, mut scratch) = (vec![0f32; q.len()], vec![0f32; q.len()], vec![]);
         attend(&q, &pool, &args, &mut fast, &mut scratch);
         attend_scalar(&q, &pool, &args, &mut slow, &mut scratch);
-        for i in 0..q.len() {
-            assert!((fast[i] - want[i]).abs() < 1e-5, "simd {i}: {} vs {}", fast[i], want[i]);
-            assert!((slow[i] - want[i]).abs() < 1e-5, "scalar {i}: {} vs {}", slow[i], want[i]);
-        }
+        let full = want(ctx, &ks, &vs);
+        assert!(close(&fast, &full), "simd: {fast:?} vs {full:?}");
+        assert!(close(&slow, &full), "scalar: {slow:?} vs {full:?}");
 
         // Causal prefix: attending to the first 3 tokens only.
-        let short = AttendArgs { context_len: 3, ..args };
-        attend(&q, &pool, &short, &mut fast, &mut scratch);
-        let want = reference(&q, &ks[..3], &vs[..3], 16, 0.25);
-        assert!(fast.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
+        attend(&q, &pool, &AttendArgs { context_len: 3, ..args }, &mut fast, &mut scratch);
+        assert!(close(&fast, &want(3, &ks, &vs)));
 
         // bf16 KV: the same values rounded to bf16.
         let pool16: Vec<bf16> = pool.iter().map(|&v| bf16::from_f32(v)).collect();
-        let round = |rows: &[Vec<f32>]| -> Vec<Vec<f32>> {
-            rows.iter().map(|r| r.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()).collect()
+        let round = |rows: &[Vec<Vec<f32>>]| -> Vec<Vec<Vec<f32>>> {
+            rows.iter()
+                .map(|h| h.iter().map(|r| r.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()).collect())
+                .collect()
         };
-        let want = reference(&q, &round(&ks), &round(&vs), 16, 0.25);
         attend(&q, &pool16, &args, &mut fast, &mut scratch);
-        assert!(fast.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
+        assert!(close(&fast, &want(ctx, &round(&ks), &round(&vs))));
     }
 }

@@ -55,7 +55,7 @@ impl DType {
     /// Bytes of a row of `cols` weights; an error when `cols` is not a whole
     /// number of blocks.
     pub fn row_bytes(self, cols: usize) -> Result<usize, KernelError> {
-        if cols % self.block_elems() != 0 {
+        if !cols.is_multiple_of(self.block_elems()) {
             return Err(KernelError::Shape(format!(
                 "{self:?} rows must be a multiple of {} weights, got {cols}",
                 self.block_elems()

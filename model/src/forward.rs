@@ -277,8 +277,6 @@ impl Model {
             rows,
             tables: steps.iter().map(|s| s.seq.block_table()).collect(),
             q_dim: c.q_dim(),
-            group_dim: c.group_size() * d,
-            num_kv_heads: c.num_kv_heads,
             scale: 1.0 / (d as f32).sqrt(),
         };
         match cache.pool() {
@@ -308,8 +306,6 @@ struct AttentionJob<'a> {
     rows: &'a [(usize, usize)],
     tables: Vec<&'a [u32]>,
     q_dim: usize,
-    group_dim: usize,
-    num_kv_heads: usize,
     scale: f32,
 }
 
@@ -319,18 +315,14 @@ impl AttentionJob<'_> {
             Vec::new,
             |scratch, (r, (out, q))| {
                 let (s, pos) = self.rows[r];
-                for kv_head in 0..self.num_kv_heads {
-                    let args = AttendArgs {
-                        geometry: self.geometry,
-                        layer: self.layer,
-                        kv_head,
-                        block_table: self.tables[s],
-                        context_len: pos + 1,
-                        scale: self.scale,
-                    };
-                    let span = kv_head * self.group_dim..(kv_head + 1) * self.group_dim;
-                    attend(&q[span.clone()], pool, &args, &mut out[span], scratch);
-                }
+                let args = AttendArgs {
+                    geometry: self.geometry,
+                    layer: self.layer,
+                    block_table: self.tables[s],
+                    context_len: pos + 1,
+                    scale: self.scale,
+                };
+                attend(q, pool, &args, out, scratch);
             },
         )
     }

@@ -12,3 +12,4 @@ pub fn repo_root() -> PathBuf {
 pub fn fixtures() -> PathBuf {
     repo_root().join("fixtures")
 }
+

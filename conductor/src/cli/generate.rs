@@ -48,7 +48,7 @@ pub struct GenerateArgs {
     max_tokens: usize,
 
     /// Sampling temperature; 0 is greedy (deterministic).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     temperature: f32,
 
     /// Sample only among the k most likely tokens (0: no limit).
@@ -57,7 +57,7 @@ pub struct GenerateArgs {
 
     /// Nucleus sampling: the smallest set of tokens with this much
     /// probability (1: no limit).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, default_value_t = 1.0, allow_negative_numbers = true)]
     top_p: f32,
 
     /// Random seed for sampling.
