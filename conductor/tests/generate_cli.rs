@@ -2,8 +2,8 @@
 //! JSON output checked against the transformers references.
 
 use serde_json::Value;
-use std::process::Command;
 use std::path::PathBuf;
+use std::process::Command;
 
 fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../fixtures")

@@ -120,12 +120,24 @@ pub fn attend_scalar<T: KvElem>(q: &[f32], pool: &[T], args: &AttendArgs<'_>, ou
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2<T: KvElem>(q: &[f32], pool: &[T], args: &AttendArgs<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+unsafe fn attend_avx2<T: KvElem>(
+    q: &[f32],
+    pool: &[T],
+    args: &AttendArgs<'_>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
     attend_impl::<T, Avx2>(q, pool, args, out, scratch)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-unsafe fn attend_avx2<T: KvElem>(q: &[f32], pool: &[T], args: &AttendArgs<'_>, out: &mut [f32], scratch: &mut Vec<f32>) {
+unsafe fn attend_avx2<T: KvElem>(
+    q: &[f32],
+    pool: &[T],
+    args: &AttendArgs<'_>,
+    out: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
     attend_impl::<T, Scalar>(q, pool, args, out, scratch)
 }
 

@@ -24,10 +24,7 @@ pub struct ChatMessage {
 
 impl ChatMessage {
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
-        Self {
-            role: role.into(),
-            content: content.into(),
-        }
+        Self { role: role.into(), content: content.into() }
     }
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
@@ -59,9 +56,7 @@ fn raise_exception(message: String) -> std::result::Result<String, minijinja::Er
 /// `strftime_now(format)`: the current UTC date/time (Llama 3.x templates
 /// print today's date). Supports `%Y %y %m %d %e %b %B %H %M %S %%`.
 fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error> {
-    let secs = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let secs = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
     strftime(&format, secs)
 }
 
@@ -116,10 +111,7 @@ fn strftime(format: &str, unix_secs: u64) -> std::result::Result<String, minijin
             other => {
                 return Err(minijinja::Error::new(
                     ErrorKind::InvalidOperation,
-                    format!(
-                        "strftime_now: unsupported directive %{}",
-                        other.map(String::from).unwrap_or_default()
-                    ),
+                    format!("strftime_now: unsupported directive %{}", other.map(String::from).unwrap_or_default()),
                 ))
             }
         }
@@ -133,22 +125,14 @@ fn strftime(format: &str, unix_secs: u64) -> std::result::Result<String, minijin
 struct PythonJson;
 
 impl serde_json::ser::Formatter for PythonJson {
-    fn begin_array_value<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
+    fn begin_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
         if first {
             Ok(())
         } else {
             w.write_all(b", ")
         }
     }
-    fn begin_object_key<W: ?Sized + std::io::Write>(
-        &mut self,
-        w: &mut W,
-        first: bool,
-    ) -> std::io::Result<()> {
+    fn begin_object_key<W: ?Sized + std::io::Write>(&mut self, w: &mut W, first: bool) -> std::io::Result<()> {
         self.begin_array_value(w, first)
     }
     fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
@@ -158,39 +142,26 @@ impl serde_json::ser::Formatter for PythonJson {
 
 /// `tojson(indent=None)` as in Hugging Face's template environment
 /// (`json.dumps(x, ensure_ascii=False, indent=indent)`).
-fn tojson(
-    value: Value,
-    indent: Option<usize>,
-    kwargs: Kwargs,
-) -> std::result::Result<Value, minijinja::Error> {
+fn tojson(value: Value, indent: Option<usize>, kwargs: Kwargs) -> std::result::Result<Value, minijinja::Error> {
     let indent = match kwargs.get::<Option<usize>>("indent")? {
         Some(i) => Some(i),
         None => indent,
     };
     if kwargs.has("ensure_ascii") && kwargs.get::<bool>("ensure_ascii")? {
-        return Err(minijinja::Error::new(
-            ErrorKind::InvalidOperation,
-            "tojson: ensure_ascii=True is not supported",
-        ));
+        return Err(minijinja::Error::new(ErrorKind::InvalidOperation, "tojson: ensure_ascii=True is not supported"));
     }
     kwargs.assert_all_used()?;
     let mut out = Vec::new();
     let written = match indent {
-        None => value.serialize(&mut serde_json::Serializer::with_formatter(
-            &mut out, PythonJson,
-        )),
+        None => value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, PythonJson)),
         Some(n) => {
             let pad = vec![b' '; n];
             let formatter = serde_json::ser::PrettyFormatter::with_indent(&pad);
-            value.serialize(&mut serde_json::Serializer::with_formatter(
-                &mut out, formatter,
-            ))
+            value.serialize(&mut serde_json::Serializer::with_formatter(&mut out, formatter))
         }
     };
-    written
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
-    let text = String::from_utf8(out)
-        .map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
+    written.map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, format!("tojson: {e}")))?;
+    let text = String::from_utf8(out).map_err(|e| minijinja::Error::new(ErrorKind::InvalidOperation, e.to_string()))?;
     Ok(Value::from_safe_string(text))
 }
 
@@ -208,9 +179,7 @@ impl ChatTemplate {
         env.add_function("strftime_now", strftime_now);
         env.add_filter("tojson", tojson);
         env.add_template_owned(TEMPLATE_NAME, source.to_string())
-            .map_err(|e| {
-                ModelError::Config(format!("chat template does not compile: {}", describe(&e)))
-            })?;
+            .map_err(|e| ModelError::Config(format!("chat template does not compile: {}", describe(&e))))?;
         Ok(Self { env })
     }
 
@@ -257,14 +226,7 @@ mod tests {
     #[test]
     fn chatml_renders_turns_and_generation_prompt() {
         let t = ChatTemplate::chatml();
-        let out = t
-            .render(
-                &[ChatMessage::system("S"), ChatMessage::user("Hi")],
-                true,
-                "",
-                "",
-            )
-            .unwrap();
+        let out = t.render(&[ChatMessage::system("S"), ChatMessage::user("Hi")], true, "", "").unwrap();
         assert_eq!(out, "<|im_start|>system\nS<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n");
         let out = t.render(&[ChatMessage::user("Hi")], false, "", "").unwrap();
         assert_eq!(out, "<|im_start|>user\nHi<|im_end|>\n");
@@ -274,10 +236,7 @@ mod tests {
     fn strftime_formats_known_dates() {
         // 2024-07-26 13:25:09 UTC.
         assert_eq!(strftime("%d %b %Y", 1_722_000_309).unwrap(), "26 Jul 2024");
-        assert_eq!(
-            strftime("%Y-%m-%d %H:%M:%S %B %y%%", 1_722_000_309).unwrap(),
-            "2024-07-26 13:25:09 July 24%"
-        );
+        assert_eq!(strftime("%Y-%m-%d %H:%M:%S %B %y%%", 1_722_000_309).unwrap(), "2024-07-26 13:25:09 July 24%");
         assert_eq!(strftime("%Y-%m-%d", 951_782_400).unwrap(), "2000-02-29");
         assert_eq!(strftime("%e", 0).unwrap(), " 1");
         assert!(strftime("%Q", 0).is_err());

@@ -70,8 +70,7 @@ impl ModelConfig {
 
     /// Parses the text of a `config.json`.
     pub fn from_hf_json(text: &str) -> Result<Self> {
-        let raw: HfConfig = serde_json::from_str(text)
-            .map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
+        let raw: HfConfig = serde_json::from_str(text).map_err(|e| ModelError::Config(format!("config.json: {e}")))?;
         raw.into_config()
     }
 
@@ -86,11 +85,7 @@ impl ModelConfig {
             ("num_key_value_heads", self.num_kv_heads, MAX_DIM),
             ("head_dim", self.head_dim, MAX_DIM),
             ("vocab_size", self.vocab_size, MAX_VOCAB),
-            (
-                "max_position_embeddings",
-                self.max_position_embeddings,
-                MAX_POSITIONS,
-            ),
+            ("max_position_embeddings", self.max_position_embeddings, MAX_POSITIONS),
         ] {
             if v == 0 || v > max {
                 return bad(format!("{name} = {v} is out of range 1..={max}"));
@@ -103,22 +98,13 @@ impl ModelConfig {
             ));
         }
         if !self.head_dim.is_multiple_of(2) {
-            return bad(format!(
-                "head_dim ({}) must be even for RoPE",
-                self.head_dim
-            ));
+            return bad(format!("head_dim ({}) must be even for RoPE", self.head_dim));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps > 0.0 && self.rms_norm_eps < 1.0) {
-            return bad(format!(
-                "rms_norm_eps = {} is not in (0, 1)",
-                self.rms_norm_eps
-            ));
+            return bad(format!("rms_norm_eps = {} is not in (0, 1)", self.rms_norm_eps));
         }
         if !(self.rope.theta.is_finite() && self.rope.theta > 1.0) {
-            return bad(format!(
-                "rope_theta = {} must be a finite number > 1",
-                self.rope.theta
-            ));
+            return bad(format!("rope_theta = {} must be a finite number > 1", self.rope.theta));
         }
         if let Some(s) = self.rope.llama3_scaling {
             let ok = s.factor.is_finite()
@@ -132,10 +118,7 @@ impl ModelConfig {
         }
         for &id in self.eos_token_ids.iter().chain(self.bos_token_id.iter()) {
             if id as usize >= self.vocab_size {
-                return bad(format!(
-                    "special token id {id} is outside the vocabulary ({})",
-                    self.vocab_size
-                ));
+                return bad(format!("special token id {id} is outside the vocabulary ({})", self.vocab_size));
             }
         }
         Ok(())
@@ -200,26 +183,16 @@ fn token_ids(v: &Option<serde_json::Value>, name: &str) -> Result<Vec<u32>> {
 fn rope_from_json(theta: Option<f64>, scaling: Option<&serde_json::Value>) -> Result<RopeConfig> {
     let theta = theta.unwrap_or(10_000.0) as f32;
     let Some(s) = scaling.filter(|s| !s.is_null()) else {
-        return Ok(RopeConfig {
-            theta,
-            llama3_scaling: None,
-        });
+        return Ok(RopeConfig { theta, llama3_scaling: None });
     };
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(|t| t.as_str())
-        .unwrap_or("default");
+    let kind = s.get("rope_type").or_else(|| s.get("type")).and_then(|t| t.as_str()).unwrap_or("default");
     let num = |key: &str| -> Result<f64> {
-        s.get(key).and_then(|v| v.as_f64()).ok_or_else(|| {
-            ModelError::Config(format!("rope scaling '{kind}' needs a numeric '{key}'"))
-        })
+        s.get(key)
+            .and_then(|v| v.as_f64())
+            .ok_or_else(|| ModelError::Config(format!("rope scaling '{kind}' needs a numeric '{key}'")))
     };
     match kind {
-        "default" => Ok(RopeConfig {
-            theta,
-            llama3_scaling: None,
-        }),
+        "default" => Ok(RopeConfig { theta, llama3_scaling: None }),
         "llama3" => Ok(RopeConfig {
             theta,
             llama3_scaling: Some(Llama3RopeScaling {
@@ -229,9 +202,7 @@ fn rope_from_json(theta: Option<f64>, scaling: Option<&serde_json::Value>) -> Re
                 original_max_position_embeddings: num("original_max_position_embeddings")? as usize,
             }),
         }),
-        other => Err(ModelError::Unsupported(format!(
-            "rope scaling type '{other}'"
-        ))),
+        other => Err(ModelError::Unsupported(format!("rope scaling type '{other}'"))),
     }
 }
 
@@ -241,9 +212,7 @@ impl HfConfig {
             .model_type
             .clone()
             .or_else(|| self.architectures.first().cloned())
-            .ok_or_else(|| {
-                ModelError::Config("neither model_type nor architectures is set".into())
-            })?;
+            .ok_or_else(|| ModelError::Config("neither model_type nor architectures is set".into()))?;
         let architecture = match kind.to_ascii_lowercase().as_str() {
             "llama" | "llamaforcausallm" => Architecture::Llama,
             "mistral" | "mistralforcausallm" => Architecture::Mistral,
@@ -261,26 +230,15 @@ impl HfConfig {
         let head_dim = self.head_dim.unwrap_or(hidden_size / num_heads);
         // transformers 5 folds theta and scaling into `rope_parameters`.
         let (theta, scaling) = match &self.rope_parameters {
-            Some(p) if !p.is_null() => (
-                p.get("rope_theta")
-                    .and_then(|t| t.as_f64())
-                    .or(self.rope_theta),
-                Some(p),
-            ),
+            Some(p) if !p.is_null() => (p.get("rope_theta").and_then(|t| t.as_f64()).or(self.rope_theta), Some(p)),
             _ => (self.rope_theta, self.rope_scaling.as_ref()),
         };
         let rope = rope_from_json(theta, scaling)?;
-        let sliding = self
-            .use_sliding_window
-            .unwrap_or(architecture == Architecture::Mistral)
+        let sliding = self.use_sliding_window.unwrap_or(architecture == Architecture::Mistral)
             && self.sliding_window.as_ref().is_some_and(|w| !w.is_null());
         let max_position_embeddings = self.max_position_embeddings.unwrap_or(4096);
         if sliding {
-            let w = self
-                .sliding_window
-                .as_ref()
-                .and_then(|w| w.as_u64())
-                .unwrap_or(0) as usize;
+            let w = self.sliding_window.as_ref().and_then(|w| w.as_u64()).unwrap_or(0) as usize;
             if w < max_position_embeddings {
                 return Err(ModelError::Unsupported(format!(
                     "sliding-window attention (window {w} < context {max_position_embeddings})"
@@ -300,12 +258,8 @@ impl HfConfig {
             rope,
             max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
-            attention_bias: self
-                .attention_bias
-                .unwrap_or(architecture == Architecture::Qwen2),
-            bos_token_id: token_ids(&self.bos_token_id, "bos_token_id")?
-                .first()
-                .copied(),
+            attention_bias: self.attention_bias.unwrap_or(architecture == Architecture::Qwen2),
+            bos_token_id: token_ids(&self.bos_token_id, "bos_token_id")?.first().copied(),
             eos_token_ids: token_ids(&self.eos_token_id, "eos_token_id")?,
         };
         config.validate()?;
@@ -387,9 +341,7 @@ mod tests {
             v["eos_token_id"] = 2.into();
             v["bos_token_id"] = 1.into();
             v[field] = serde_json::from_str(value).unwrap();
-            let e = ModelConfig::from_hf_json(&v.to_string())
-                .unwrap_err()
-                .to_string();
+            let e = ModelConfig::from_hf_json(&v.to_string()).unwrap_err().to_string();
             assert!(e.contains(expect), "{field}={value}: {e}");
         }
         assert!(ModelConfig::from_hf_json("{not json").is_err());

@@ -30,10 +30,7 @@ pub struct LoadedModel {
 fn is_gguf(path: &Path) -> bool {
     use std::io::Read;
     let mut magic = [0u8; 4];
-    std::fs::File::open(path)
-        .and_then(|mut f| f.read_exact(&mut magic))
-        .is_ok()
-        && &magic == b"GGUF"
+    std::fs::File::open(path).and_then(|mut f| f.read_exact(&mut magic)).is_ok() && &magic == b"GGUF"
 }
 
 /// Loads a Hugging Face directory (`config.json`, safetensors,
@@ -46,36 +43,22 @@ pub fn load(path: &Path, precision: Precision) -> Result<LoadedModel> {
         (config, weights, Tokenizer::from_hf_dir(path)?)
     } else if path.is_file() {
         if !is_gguf(path) {
-            return Err(ModelError::format(
-                path,
-                "not a GGUF file (expected a .gguf file or a model directory)",
-            ));
+            return Err(ModelError::format(path, "not a GGUF file (expected a .gguf file or a model directory)"));
         }
         let file = GgufFile::open(path)?;
         let config = file.config()?;
         let weights = Weights::load(&config, &file)?;
         (config, weights, Tokenizer::from_gguf(&file)?)
     } else {
-        return Err(ModelError::io(
-            path,
-            std::io::Error::from(std::io::ErrorKind::NotFound),
-        ));
+        return Err(ModelError::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)));
     };
     if tokenizer.vocab_size() > config.vocab_size {
         return Err(ModelError::format(
             path,
-            format!(
-                "tokenizer has {} tokens but the model only {}",
-                tokenizer.vocab_size(),
-                config.vocab_size
-            ),
+            format!("tokenizer has {} tokens but the model only {}", tokenizer.vocab_size(), config.vocab_size),
         ));
     }
-    Ok(LoadedModel {
-        model: Model::new(config, weights, precision),
-        tokenizer,
-        path: path.to_path_buf(),
-    })
+    Ok(LoadedModel { model: Model::new(config, weights, precision), tokenizer, path: path.to_path_buf() })
 }
 
 /// Knobs of the engine.
@@ -92,12 +75,7 @@ pub struct EngineOptions {
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self {
-            page_tokens: 16,
-            kv_dtype: KvDType::F32,
-            num_pages: 1024,
-            chunk_tokens: 512,
-        }
+        Self { page_tokens: 16, kv_dtype: KvDType::F32, num_pages: 1024, chunk_tokens: 512 }
     }
 }
 
@@ -183,20 +161,10 @@ struct Active {
 impl Engine {
     pub fn new(model: Model, options: EngineOptions) -> Result<Self> {
         if options.chunk_tokens == 0 {
-            return Err(ModelError::Request(
-                "chunk_tokens must be at least 1".into(),
-            ));
+            return Err(ModelError::Request("chunk_tokens must be at least 1".into()));
         }
-        let cache = KvCache::new(
-            model.kv_geometry(options.page_tokens),
-            options.num_pages,
-            options.kv_dtype,
-        )?;
-        Ok(Self {
-            model,
-            cache,
-            options,
-        })
+        let cache = KvCache::new(model.kv_geometry(options.page_tokens), options.num_pages, options.kv_dtype)?;
+        Ok(Self { model, cache, options })
     }
 
     pub fn model(&self) -> &Model {
@@ -245,13 +213,7 @@ impl Engine {
         let mut active: Vec<Active> = Vec::with_capacity(requests.len());
         for (index, r) in requests.iter().enumerate() {
             let sampler = Sampler::new(r.sampling.clone())?;
-            active.push(Active {
-                index,
-                seq: SeqKv::default(),
-                sampler,
-                out: Vec::new(),
-                finish: None,
-            });
+            active.push(Active { index, seq: SeqKv::default(), sampler, out: Vec::new(), finish: None });
         }
         let result = self.run(requests, &mut active, &mut on_token);
         for a in active.iter_mut() {
@@ -260,10 +222,7 @@ impl Engine {
         let timings = result?;
         let gens = active
             .into_iter()
-            .map(|a| Generation {
-                tokens: a.out,
-                finish_reason: a.finish.unwrap_or(FinishReason::Length),
-            })
+            .map(|a| Generation { tokens: a.out, finish_reason: a.finish.unwrap_or(FinishReason::Length) })
             .collect();
         Ok((gens, timings))
     }
@@ -326,23 +285,15 @@ impl Engine {
         // Decode: every unfinished sequence advances one token per step.
         let start = Instant::now();
         loop {
-            let mut live: Vec<&mut Active> =
-                active.iter_mut().filter(|a| a.finish.is_none()).collect();
+            let mut live: Vec<&mut Active> = active.iter_mut().filter(|a| a.finish.is_none()).collect();
             if live.is_empty() {
                 break;
             }
-            let last: Vec<u32> = live
-                .iter()
-                .map(|a| a.out.last().expect("prefill sampled a token").token)
-                .collect();
+            let last: Vec<u32> = live.iter().map(|a| a.out.last().expect("prefill sampled a token").token).collect();
             let mut steps: Vec<Step<'_>> = live
                 .iter_mut()
                 .zip(&last)
-                .map(|(a, tok)| Step {
-                    tokens: std::slice::from_ref(tok),
-                    seq: &mut a.seq,
-                    logits: Logits::Last,
-                })
+                .map(|(a, tok)| Step { tokens: std::slice::from_ref(tok), seq: &mut a.seq, logits: Logits::Last })
                 .collect();
             let logits = self.model.forward(&mut self.cache, &mut steps)?;
             drop(steps);
@@ -358,13 +309,7 @@ impl Engine {
         Ok(t)
     }
 
-    fn accept(
-        a: &mut Active,
-        s: Sampled,
-        r: &Request,
-        ctx: usize,
-        on_token: &mut impl FnMut(usize, &Sampled) -> Flow,
-    ) {
+    fn accept(a: &mut Active, s: Sampled, r: &Request, ctx: usize, on_token: &mut impl FnMut(usize, &Sampled) -> Flow) {
         let flow = on_token(a.index, &s);
         let stop = r.stop_ids.contains(&s.token);
         a.out.push(s);

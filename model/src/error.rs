@@ -35,16 +35,10 @@ pub enum ModelError {
 
 impl ModelError {
     pub(crate) fn format(path: impl Into<PathBuf>, reason: impl Into<String>) -> Self {
-        ModelError::Format {
-            path: path.into(),
-            reason: reason.into(),
-        }
+        ModelError::Format { path: path.into(), reason: reason.into() }
     }
     pub(crate) fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        ModelError::Io {
-            path: path.into(),
-            source,
-        }
+        ModelError::Io { path: path.into(), source }
     }
 }
 

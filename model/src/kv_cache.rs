@@ -41,9 +41,7 @@ impl FromStr for KvDType {
         match s {
             "f32" => Ok(KvDType::F32),
             "bf16" => Ok(KvDType::BF16),
-            other => Err(ModelError::Request(format!(
-                "unknown KV dtype '{other}' (use f32 or bf16)"
-            ))),
+            other => Err(ModelError::Request(format!("unknown KV dtype '{other}' (use f32 or bf16)"))),
         }
     }
 }
@@ -91,34 +89,23 @@ const MAX_POOL_BYTES: usize = 256 << 30;
 impl KvCache {
     pub fn new(geometry: KvGeometry, num_pages: usize, dtype: KvDType) -> Result<Self> {
         if geometry.page_tokens == 0 || num_pages == 0 {
-            return Err(ModelError::Request(
-                "KV cache needs page_tokens > 0 and at least one page".into(),
-            ));
+            return Err(ModelError::Request("KV cache needs page_tokens > 0 and at least one page".into()));
         }
         if num_pages > u32::MAX as usize {
-            return Err(ModelError::Request(format!(
-                "{num_pages} KV pages is too many"
-            )));
+            return Err(ModelError::Request(format!("{num_pages} KV pages is too many")));
         }
         let elems = geometry
             .page_elems()
             .checked_mul(num_pages)
             .filter(|e| e.saturating_mul(dtype.bytes()) <= MAX_POOL_BYTES)
             .ok_or_else(|| {
-                ModelError::Request(format!(
-                    "a KV pool of {num_pages} pages exceeds {MAX_POOL_BYTES} bytes"
-                ))
+                ModelError::Request(format!("a KV pool of {num_pages} pages exceeds {MAX_POOL_BYTES} bytes"))
             })?;
         let pool = match dtype {
             KvDType::F32 => KvPool::F32(vec![0.0; elems]),
             KvDType::BF16 => KvPool::BF16(vec![bf16::ZERO; elems]),
         };
-        Ok(Self {
-            geometry,
-            pool,
-            refs: vec![0; num_pages],
-            free: (0..num_pages as u32).rev().collect(),
-        })
+        Ok(Self { geometry, pool, refs: vec![0; num_pages], free: (0..num_pages as u32).rev().collect() })
     }
 
     pub fn geometry(&self) -> &KvGeometry {
@@ -149,10 +136,7 @@ impl KvCache {
     pub fn reserve(&mut self, seq: &mut SeqKv, tokens: usize) -> Result<()> {
         let needed = self.pages_for(tokens).saturating_sub(seq.pages.len());
         if needed > self.free.len() {
-            return Err(ModelError::CacheFull {
-                needed,
-                free: self.free.len(),
-            });
+            return Err(ModelError::CacheFull { needed, free: self.free.len() });
         }
         for _ in 0..needed {
             let page = self.free.pop().expect("checked above");
@@ -195,18 +179,13 @@ impl KvCache {
     /// Records that `seq` now holds `len` tokens (after the forward pass
     /// wrote them).
     pub(crate) fn set_len(&self, seq: &mut SeqKv, len: usize) {
-        assert!(
-            len <= seq.pages.len() * self.geometry.page_tokens,
-            "sequence outgrew its pages"
-        );
+        assert!(len <= seq.pages.len() * self.geometry.page_tokens, "sequence outgrew its pages");
         seq.len = len;
     }
 
     /// Whether `seq` may write token position `pos` (its page is not shared).
     pub(crate) fn is_writable(&self, seq: &SeqKv, pos: usize) -> bool {
-        seq.pages
-            .get(pos / self.geometry.page_tokens)
-            .is_some_and(|&p| self.refs[p as usize] == 1)
+        seq.pages.get(pos / self.geometry.page_tokens).is_some_and(|&p| self.refs[p as usize] == 1)
     }
 
     /// Writes K and V rows (all heads) of the token at `pos` of `seq` for
@@ -215,11 +194,7 @@ impl KvCache {
         let g = self.geometry;
         let page = seq.pages[pos / g.page_tokens] as usize;
         let slot = pos % g.page_tokens;
-        let (ko, vo, n) = (
-            g.k_offset(page, layer, slot),
-            g.v_offset(page, layer, slot),
-            g.row_elems(),
-        );
+        let (ko, vo, n) = (g.k_offset(page, layer, slot), g.v_offset(page, layer, slot), g.row_elems());
         match &mut self.pool {
             KvPool::F32(p) => {
                 p[ko..ko + n].copy_from_slice(k);
@@ -242,12 +217,7 @@ mod tests {
     use super::*;
 
     fn cache(pages: usize) -> KvCache {
-        let g = KvGeometry {
-            page_tokens: 4,
-            num_layers: 2,
-            num_kv_heads: 1,
-            head_dim: 2,
-        };
+        let g = KvGeometry { page_tokens: 4, num_layers: 2, num_kv_heads: 1, head_dim: 2 };
         KvCache::new(g, pages, KvDType::F32).unwrap()
     }
 
@@ -261,10 +231,7 @@ mod tests {
         let mut b = SeqKv::default();
         let err = c.reserve(&mut b, 12).unwrap_err();
         assert!(matches!(err, ModelError::CacheFull { needed: 3, free: 2 }));
-        assert!(
-            b.block_table().is_empty(),
-            "a failed reserve allocates nothing"
-        );
+        assert!(b.block_table().is_empty(), "a failed reserve allocates nothing");
         c.release(a);
         assert_eq!(c.free_pages(), 5);
     }
@@ -275,10 +242,7 @@ mod tests {
         let mut a = SeqKv::default();
         c.reserve(&mut a, 8).unwrap();
         c.set_len(&mut a, 8);
-        assert!(
-            c.share_prefix(&a, 6).is_err(),
-            "only whole pages are shared"
-        );
+        assert!(c.share_prefix(&a, 6).is_err(), "only whole pages are shared");
         let mut b = c.share_prefix(&a, 4).unwrap();
         assert!(!c.is_writable(&b, 3));
         c.reserve(&mut b, 6).unwrap();
@@ -291,12 +255,7 @@ mod tests {
 
     #[test]
     fn absurd_pools_are_refused() {
-        let g = KvGeometry {
-            page_tokens: 1 << 20,
-            num_layers: 1 << 10,
-            num_kv_heads: 64,
-            head_dim: 128,
-        };
+        let g = KvGeometry { page_tokens: 1 << 20, num_layers: 1 << 10, num_kv_heads: 64, head_dim: 128 };
         assert!(KvCache::new(g, 1 << 20, KvDType::F32).is_err());
         assert!("f16".parse::<KvDType>().is_err());
     }

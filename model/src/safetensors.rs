@@ -50,19 +50,13 @@ impl SafetensorsDir {
         } else if dir.join("model.safetensors").exists() {
             vec!["model.safetensors".into()]
         } else {
-            return Err(ModelError::format(
-                dir,
-                "no model.safetensors or model.safetensors.index.json",
-            ));
+            return Err(ModelError::format(dir, "no model.safetensors or model.safetensors.index.json"));
         };
         let mut files = Vec::new();
         let mut tensors = HashMap::new();
         for name in shard_names {
             if name.contains('/') || name.contains("..") {
-                return Err(ModelError::format(
-                    &index,
-                    format!("shard name '{name}' is not a plain file name"),
-                ));
+                return Err(ModelError::format(&index, format!("shard name '{name}' is not a plain file name")));
             }
             let path = dir.join(&name);
             let map = map_file(&path)?;
@@ -79,19 +73,12 @@ impl SafetensorsDir {
                     len: e - s,
                 };
                 if tensors.insert(tname.clone(), entry).is_some() {
-                    return Err(ModelError::format(
-                        &path,
-                        format!("tensor {tname} appears in two shards"),
-                    ));
+                    return Err(ModelError::format(&path, format!("tensor {tname} appears in two shards")));
                 }
             }
             files.push((path, SharedBytes::new(Arc::new(map))));
         }
-        Ok(Self {
-            dir: dir.to_path_buf(),
-            files,
-            tensors,
-        })
+        Ok(Self { dir: dir.to_path_buf(), files, tensors })
     }
 
     /// Names of all tensors.
@@ -106,17 +93,17 @@ fn read_index(path: &Path) -> Result<Vec<String>> {
         return Err(ModelError::format(path, "index file is implausibly large"));
     }
     let text = std::fs::read_to_string(path).map_err(|e| ModelError::io(path, e))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| ModelError::format(path, format!("not JSON: {e}")))?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| ModelError::format(path, format!("not JSON: {e}")))?;
     let map = v
         .get("weight_map")
         .and_then(|m| m.as_object())
         .ok_or_else(|| ModelError::format(path, "no 'weight_map' object"))?;
     let mut shards = BTreeSet::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| {
-            ModelError::format(path, format!("weight_map[{tensor}] is not a file name"))
-        })?;
+        let file = file
+            .as_str()
+            .ok_or_else(|| ModelError::format(path, format!("weight_map[{tensor}] is not a file name")))?;
         shards.insert(file.to_string());
     }
     Ok(shards.into_iter().collect())
@@ -124,34 +111,25 @@ fn read_index(path: &Path) -> Result<Vec<String>> {
 
 impl TensorSource for SafetensorsDir {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
-        let e = self
-            .tensors
-            .get(name)
-            .ok_or_else(|| ModelError::format(&self.dir, format!("tensor {name} is missing")))?;
+        let e =
+            self.tensors.get(name).ok_or_else(|| ModelError::format(&self.dir, format!("tensor {name} is missing")))?;
         let (path, bytes) = &self.files[e.file];
         let shape_ok = e.shape == [rows, cols] || (rows == 1 && e.shape == [cols]);
         if !shape_ok {
             return Err(ModelError::format(
                 path,
-                format!(
-                    "tensor {name} has shape {:?}, expected [{rows}, {cols}]",
-                    e.shape
-                ),
+                format!("tensor {name} has shape {:?}, expected [{rows}, {cols}]", e.shape),
             ));
         }
         let dtype = match e.dtype {
             Dtype::F32 => DType::F32,
             Dtype::F16 => DType::F16,
             Dtype::BF16 => DType::BF16,
-            other => {
-                return Err(ModelError::Unsupported(format!(
-                    "tensor {name} has dtype {other:?}"
-                )))
-            }
+            other => return Err(ModelError::Unsupported(format!("tensor {name} has dtype {other:?}"))),
         };
-        let data = bytes.slice(e.start, e.len).ok_or_else(|| {
-            ModelError::format(path, format!("tensor {name} lies outside the file"))
-        })?;
+        let data = bytes
+            .slice(e.start, e.len)
+            .ok_or_else(|| ModelError::format(path, format!("tensor {name} lies outside the file")))?;
         WeightMatrix::new(dtype, rows, cols, data)
             .map_err(|err| ModelError::format(path, format!("tensor {name}: {err}")))
     }

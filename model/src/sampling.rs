@@ -24,13 +24,7 @@ pub struct SamplingParams {
 
 impl Default for SamplingParams {
     fn default() -> Self {
-        Self {
-            temperature: 0.0,
-            top_k: 0,
-            top_p: 1.0,
-            seed: 0,
-            logprobs: None,
-        }
+        Self { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: None }
     }
 }
 
@@ -46,15 +40,10 @@ impl SamplingParams {
             )));
         }
         if !(self.top_p.is_finite() && self.top_p > 0.0 && self.top_p <= 1.0) {
-            return Err(ModelError::Request(format!(
-                "top_p must be in (0, 1], got {}",
-                self.top_p
-            )));
+            return Err(ModelError::Request(format!("top_p must be in (0, 1], got {}", self.top_p)));
         }
         if self.logprobs.is_some_and(|n| n > MAX_TOP_LOGPROBS) {
-            return Err(ModelError::Request(format!(
-                "at most {MAX_TOP_LOGPROBS} top logprobs"
-            )));
+            return Err(ModelError::Request(format!("at most {MAX_TOP_LOGPROBS} top logprobs")));
         }
         Ok(())
     }
@@ -101,43 +90,25 @@ impl Sampler {
         if logits.iter().any(|v| v.is_nan()) {
             return Err(ModelError::Request("the model produced NaN logits".into()));
         }
-        let token = if self.params.is_greedy() {
-            argmax(logits)
-        } else {
-            self.draw(logits)
-        };
+        let token = if self.params.is_greedy() { argmax(logits) } else { self.draw(logits) };
         let (logprob, top_logprobs) = match self.params.logprobs {
             None => (None, Vec::new()),
             Some(k) => {
                 let lse = log_sum_exp(logits);
-                let top = top_k_indices(logits, k)
-                    .into_iter()
-                    .map(|i| (i as u32, logits[i] - lse))
-                    .collect();
+                let top = top_k_indices(logits, k).into_iter().map(|i| (i as u32, logits[i] - lse)).collect();
                 (Some(logits[token as usize] - lse), top)
             }
         };
-        Ok(Sampled {
-            token,
-            logprob,
-            top_logprobs,
-        })
+        Ok(Sampled { token, logprob, top_logprobs })
     }
 
     fn draw(&mut self, logits: &[f32]) -> u32 {
         let t = self.params.temperature;
-        let k = if self.params.top_k == 0 {
-            logits.len()
-        } else {
-            self.params.top_k.min(logits.len())
-        };
+        let k = if self.params.top_k == 0 { logits.len() } else { self.params.top_k.min(logits.len()) };
         // Candidates by descending logit (ties: lower id first).
         let cand = top_k_indices(logits, k);
         let max = logits[cand[0]];
-        let mut probs: Vec<f64> = cand
-            .iter()
-            .map(|&i| (((logits[i] - max) / t) as f64).exp())
-            .collect();
+        let mut probs: Vec<f64> = cand.iter().map(|&i| (((logits[i] - max) / t) as f64).exp()).collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         let mut keep = probs.len();
@@ -198,14 +169,7 @@ mod tests {
     use super::*;
 
     fn sampler(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Sampler {
-        Sampler::new(SamplingParams {
-            temperature,
-            top_k,
-            top_p,
-            seed,
-            logprobs: Some(3),
-        })
-        .unwrap()
+        Sampler::new(SamplingParams { temperature, top_k, top_p, seed, logprobs: Some(3) }).unwrap()
     }
 
     #[test]
@@ -213,10 +177,7 @@ mod tests {
         let mut s = sampler(0.0, 0, 1.0, 0);
         let out = s.sample(&[1.0, 3.0, 3.0, -1.0]).unwrap();
         assert_eq!(out.token, 1);
-        assert_eq!(
-            out.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>(),
-            vec![1, 2, 0]
-        );
+        assert_eq!(out.top_logprobs.iter().map(|t| t.0).collect::<Vec<_>>(), vec![1, 2, 0]);
         let lp = out.logprob.unwrap();
         let z: f32 = [1.0f32, 3.0, 3.0, -1.0].iter().map(|x| x.exp()).sum();
         assert!((lp - (3.0f32.exp() / z).ln()).abs() < 1e-5);
@@ -227,9 +188,7 @@ mod tests {
         let logits: Vec<f32> = (0..50).map(|i| (i % 7) as f32 * 0.3).collect();
         let run = |seed| {
             let mut s = sampler(0.8, 0, 1.0, seed);
-            (0..64)
-                .map(|_| s.sample(&logits).unwrap().token)
-                .collect::<Vec<_>>()
+            (0..64).map(|_| s.sample(&logits).unwrap().token).collect::<Vec<_>>()
         };
         assert_eq!(run(42), run(42));
         assert_ne!(run(42), run(43));
@@ -249,18 +208,8 @@ mod tests {
 
     #[test]
     fn rejects_bad_parameters_and_nan_logits() {
-        for (t, p) in [
-            (-1.0, 1.0),
-            (f32::NAN, 1.0),
-            (1.0, 0.0),
-            (1.0, 1.5),
-            (f32::INFINITY, 1.0),
-        ] {
-            let params = SamplingParams {
-                temperature: t,
-                top_p: p,
-                ..Default::default()
-            };
+        for (t, p) in [(-1.0, 1.0), (f32::NAN, 1.0), (1.0, 0.0), (1.0, 1.5), (f32::INFINITY, 1.0)] {
+            let params = SamplingParams { temperature: t, top_p: p, ..Default::default() };
             assert!(Sampler::new(params).is_err(), "t={t} p={p}");
         }
         let mut s = sampler(0.0, 0, 1.0, 0);

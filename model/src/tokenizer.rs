@@ -11,13 +11,7 @@ use std::path::Path;
 /// Special tokens that end an assistant turn in common chat templates. One
 /// of these counts as a stop token when the template uses it and the
 /// vocabulary has it as a special token.
-const END_OF_TURN_TOKENS: &[&str] = &[
-    "<|im_end|>",
-    "<|eot_id|>",
-    "<|eom_id|>",
-    "<|end|>",
-    "<end_of_turn>",
-];
+const END_OF_TURN_TOKENS: &[&str] = &["<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>"];
 
 /// A streaming decoder holds back at most this many tokens waiting for a
 /// multi-byte character to complete (a UTF-8 character has at most 4 bytes,
@@ -58,9 +52,7 @@ struct Specials {
 
 fn read_json(path: &Path) -> Result<Option<Value>> {
     match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text)
-            .map(Some)
-            .map_err(|e| ModelError::format(path, e.to_string())),
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| ModelError::format(path, e.to_string())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(ModelError::io(path, e)),
     }
@@ -82,24 +74,17 @@ fn chat_template_from_config(v: Option<&Value>, path: &Path) -> Result<Option<St
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s.clone())),
         Some(Value::Array(list)) => {
-            let named = |name: &str| {
-                list.iter()
-                    .find(|t| t.get("name").and_then(Value::as_str) == Some(name))
-            };
+            let named = |name: &str| list.iter().find(|t| t.get("name").and_then(Value::as_str) == Some(name));
             let chosen = named("default").or(list.first());
             match chosen.map(|t| t.get("template").and_then(Value::as_str)) {
                 None => Ok(None),
                 Some(Some(s)) => Ok(Some(s.to_string())),
-                Some(None) => Err(ModelError::format(
-                    path,
-                    "chat_template entry has no 'template' string",
-                )),
+                Some(None) => Err(ModelError::format(path, "chat_template entry has no 'template' string")),
             }
         }
-        Some(other) => Err(ModelError::format(
-            path,
-            format!("chat_template is {other:.40}, expected a string or list"),
-        )),
+        Some(other) => {
+            Err(ModelError::format(path, format!("chat_template is {other:.40}, expected a string or list")))
+        }
     }
 }
 
@@ -120,18 +105,13 @@ impl Tokenizer {
         let dir = dir.as_ref();
         let path = dir.join("tokenizer.json");
         if !path.is_file() {
-            return Err(ModelError::io(
-                &path,
-                std::io::Error::from(std::io::ErrorKind::NotFound),
-            ));
+            return Err(ModelError::io(&path, std::io::Error::from(std::io::ErrorKind::NotFound)));
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
-            .map_err(|e| ModelError::format(&path, e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_file(&path).map_err(|e| ModelError::format(&path, e.to_string()))?;
 
         let config_path = dir.join("tokenizer_config.json");
         let config = read_json(&config_path)?.unwrap_or(Value::Null);
-        let mut chat_template =
-            chat_template_from_config(config.get("chat_template"), &config_path)?;
+        let mut chat_template = chat_template_from_config(config.get("chat_template"), &config_path)?;
         if chat_template.is_none() {
             // transformers ≥ 4.43 may save the template beside the config.
             let jinja = dir.join("chat_template.jinja");
@@ -144,21 +124,14 @@ impl Tokenizer {
         let generation = read_json(&dir.join("generation_config.json"))?.unwrap_or(Value::Null);
         let generation_eos = ids_from_json(generation.get("eos_token_id"));
         let lookup = |key: &str| token_string(config.get(key)).and_then(|t| inner.token_to_id(t));
-        let bos_id = lookup("bos_token").or_else(|| {
-            ids_from_json(generation.get("bos_token_id"))
-                .first()
-                .copied()
-        });
+        let bos_id = lookup("bos_token").or_else(|| ids_from_json(generation.get("bos_token_id")).first().copied());
         let eos_id = lookup("eos_token").or_else(|| generation_eos.first().copied());
         let specials = Specials {
             bos_id,
             eos_id,
             extra_stop_ids: generation_eos,
             // Absent: trust the pipeline's post-processor.
-            add_bos: config
-                .get("add_bos_token")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
+            add_bos: config.get("add_bos_token").and_then(Value::as_bool).unwrap_or(false),
             chat_template,
         };
         Self::assemble(inner, specials, &path)
@@ -182,10 +155,7 @@ impl Tokenizer {
             match id {
                 None => Ok(None),
                 Some(id) => inner.id_to_token(id).map(|t| Some((id, t))).ok_or_else(|| {
-                    ModelError::format(
-                        origin,
-                        format!("{what} token id {id} is not in the vocabulary"),
-                    )
+                    ModelError::format(origin, format!("{what} token id {id} is not in the vocabulary"))
                 }),
             }
         };
@@ -197,10 +167,7 @@ impl Tokenizer {
                 stop_ids.push(id);
             }
         };
-        eos.iter()
-            .map(|(id, _)| *id)
-            .chain(s.extra_stop_ids)
-            .for_each(&mut push);
+        eos.iter().map(|(id, _)| *id).chain(s.extra_stop_ids).for_each(&mut push);
         if let Some(template) = &s.chat_template {
             let specials = inner.get_added_tokens_decoder();
             for (&id, token) in &specials {
@@ -213,19 +180,9 @@ impl Tokenizer {
             }
         }
         if s.add_bos && bos.is_none() {
-            return Err(ModelError::format(
-                origin,
-                "add_bos_token is set but there is no BOS token",
-            ));
+            return Err(ModelError::format(origin, "add_bos_token is set but there is no BOS token"));
         }
-        Ok(Self {
-            inner,
-            bos,
-            eos,
-            add_bos: s.add_bos,
-            stop_ids,
-            chat_template: s.chat_template,
-        })
+        Ok(Self { inner, bos, eos, add_bos: s.add_bos, stop_ids, chat_template: s.chat_template })
     }
 
     /// Token ids of `text`. Special tokens written in the text (`<|im_start|>`)
@@ -262,20 +219,12 @@ impl Tokenizer {
     }
 
     fn decode_unchecked(&self, ids: &[u32], skip_special: bool) -> Result<String> {
-        self.inner
-            .decode(ids, skip_special)
-            .map_err(|e| ModelError::Request(format!("cannot decode: {e}")))
+        self.inner.decode(ids, skip_special).map_err(|e| ModelError::Request(format!("cannot decode: {e}")))
     }
 
     /// A decoder that turns ids, one at a time, into text increments.
     pub fn decode_stream(&self, skip_special: bool) -> DecodeStream<'_> {
-        DecodeStream {
-            tokenizer: self,
-            skip_special,
-            ids: Vec::new(),
-            read: 0,
-            prefix: String::new(),
-        }
+        DecodeStream { tokenizer: self, skip_special, ids: Vec::new(), read: 0, prefix: String::new() }
     }
 
     pub fn bos_id(&self) -> Option<u32> {
@@ -334,9 +283,7 @@ impl DecodeStream<'_> {
     pub fn step(&mut self, id: u32) -> Result<Option<String>> {
         self.tokenizer.check_ids(&[id])?;
         self.ids.push(id);
-        let text = self
-            .tokenizer
-            .decode_unchecked(&self.ids, self.skip_special)?;
+        let text = self.tokenizer.decode_unchecked(&self.ids, self.skip_special)?;
         if text.ends_with('\u{FFFD}') && self.ids.len() - self.read < MAX_PENDING_TOKENS {
             return Ok(None);
         }
@@ -349,9 +296,7 @@ impl DecodeStream<'_> {
         if self.read == self.ids.len() {
             return Ok(None);
         }
-        let text = self
-            .tokenizer
-            .decode_unchecked(&self.ids, self.skip_special)?;
+        let text = self.tokenizer.decode_unchecked(&self.ids, self.skip_special)?;
         self.emit(text)
     }
 
@@ -364,9 +309,7 @@ impl DecodeStream<'_> {
         // treat the start of a sequence specially), and forget older ones.
         self.ids.drain(..self.read);
         self.read = self.ids.len();
-        self.prefix = self
-            .tokenizer
-            .decode_unchecked(&self.ids, self.skip_special)?;
+        self.prefix = self.tokenizer.decode_unchecked(&self.ids, self.skip_special)?;
         Ok((!new.is_empty()).then_some(new))
     }
 }
@@ -374,10 +317,7 @@ impl DecodeStream<'_> {
 /// Length of the longest common prefix of `a` and `b` that ends on a
 /// character boundary of both.
 fn common_prefix_len(a: &str, b: &str) -> usize {
-    a.char_indices()
-        .zip(b.chars())
-        .find(|((_, ca), cb)| ca != cb)
-        .map_or(a.len().min(b.len()), |((i, _), _)| i)
+    a.char_indices().zip(b.chars()).find(|((_, ca), cb)| ca != cb).map_or(a.len().min(b.len()), |((i, _), _)| i)
 }
 
 #[cfg(test)]
@@ -399,19 +339,9 @@ mod tests {
             {"name": "tool_use", "template": "T"},
             {"name": "default", "template": "D"}
         ]);
-        assert_eq!(
-            chat_template_from_config(Some(&v), Path::new("x"))
-                .unwrap()
-                .as_deref(),
-            Some("D")
-        );
+        assert_eq!(chat_template_from_config(Some(&v), Path::new("x")).unwrap().as_deref(), Some("D"));
         let v: Value = serde_json::json!([{"name": "rag", "template": "R"}]);
-        assert_eq!(
-            chat_template_from_config(Some(&v), Path::new("x"))
-                .unwrap()
-                .as_deref(),
-            Some("R")
-        );
+        assert_eq!(chat_template_from_config(Some(&v), Path::new("x")).unwrap().as_deref(), Some("R"));
         assert!(chat_template_from_config(Some(&serde_json::json!(3)), Path::new("x")).is_err());
     }
 }

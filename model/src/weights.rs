@@ -138,10 +138,7 @@ fn vector(src: &dyn TensorSource, name: &str, len: usize) -> Result<Vec<f32>> {
     let mut out = vec![0f32; len];
     m.dequantize_row(0, &mut out);
     if let Some(bad) = out.iter().find(|v| !v.is_finite()) {
-        return Err(ModelError::format(
-            src.describe(),
-            format!("{name} contains {bad}"),
-        ));
+        return Err(ModelError::format(src.describe(), format!("{name} contains {bad}")));
     }
     Ok(out)
 }
@@ -151,12 +148,7 @@ impl Weights {
     pub fn load(config: &ModelConfig, src: &dyn TensorSource) -> Result<Self> {
         let naming = src.naming();
         let n = |part, layer| naming.name(part, layer);
-        let (h, kv, q, ffn) = (
-            config.hidden_size,
-            config.kv_dim(),
-            config.q_dim(),
-            config.intermediate_size,
-        );
+        let (h, kv, q, ffn) = (config.hidden_size, config.kv_dim(), config.q_dim(), config.intermediate_size);
         let embed = src.matrix(&n(Part::Embed, 0), config.vocab_size, h)?;
         let lm_head = if src.contains(&n(Part::LmHead, 0)) {
             src.matrix(&n(Part::LmHead, 0), config.vocab_size, h)?
@@ -164,10 +156,7 @@ impl Weights {
             // GGUF omits `output.weight` exactly when embeddings are tied.
             embed.clone()
         } else {
-            return Err(ModelError::format(
-                src.describe(),
-                "lm_head.weight is missing and embeddings are not tied",
-            ));
+            return Err(ModelError::format(src.describe(), "lm_head.weight is missing and embeddings are not tied"));
         };
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
@@ -188,12 +177,8 @@ impl Weights {
             let mut bq = bias(Part::QBias, q)?;
             let mut bk = bias(Part::KBias, kv)?;
             if naming == Naming::Gguf {
-                let permute = |b: Vec<f32>, heads| {
-                    unpermute_order(heads, config.head_dim)
-                        .iter()
-                        .map(|&i| b[i])
-                        .collect()
-                };
+                let permute =
+                    |b: Vec<f32>, heads| unpermute_order(heads, config.head_dim).iter().map(|&i| b[i]).collect();
                 bq = bq.map(|b| permute(b, config.num_heads));
                 bk = bk.map(|b| permute(b, config.num_kv_heads));
             }
@@ -212,12 +197,7 @@ impl Weights {
                 w_down: src.matrix(&n(Part::Down, l), h, ffn)?,
             });
         }
-        Ok(Self {
-            embed,
-            layers,
-            final_norm: vector(src, &n(Part::FinalNorm, 0), h)?,
-            lm_head,
-        })
+        Ok(Self { embed, layers, final_norm: vector(src, &n(Part::FinalNorm, 0), h)?, lm_head })
     }
 }
 
@@ -238,10 +218,7 @@ mod tests {
                 }
             }
         }
-        let back: Vec<usize> = unpermute_order(n_head, d)
-            .iter()
-            .map(|&r| gguf[r])
-            .collect();
+        let back: Vec<usize> = unpermute_order(n_head, d).iter().map(|&r| gguf[r]).collect();
         assert_eq!(back, hf);
     }
 }

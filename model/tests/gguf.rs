@@ -58,13 +58,7 @@ struct Writer {
 
 impl Writer {
     fn new() -> Self {
-        Self {
-            version: 3,
-            alignment: 32,
-            n_kv: 0,
-            kv: Vec::new(),
-            tensors: Vec::new(),
-        }
+        Self { version: 3, alignment: 32, n_kv: 0, kv: Vec::new(), tensors: Vec::new() }
     }
 
     fn key(&mut self, key: &str, ty: u32) -> &mut Vec<u8> {
@@ -112,22 +106,11 @@ impl Writer {
         self
     }
     fn tensor(&mut self, name: &str, dims: &[u64], ggml_type: u32, data: Vec<u8>) -> &mut Self {
-        self.tensors.push(Tensor {
-            name: name.into(),
-            dims: dims.into(),
-            ggml_type,
-            data,
-            offset: None,
-        });
+        self.tensors.push(Tensor { name: name.into(), dims: dims.into(), ggml_type, data, offset: None });
         self
     }
     fn f32_tensor(&mut self, name: &str, dims: &[u64], values: &[f32]) -> &mut Self {
-        self.tensor(
-            name,
-            dims,
-            0,
-            values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        )
+        self.tensor(name, dims, 0, values.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 
     fn build(&self) -> Vec<u8> {
@@ -163,13 +146,8 @@ impl Writer {
 /// A small valid file exercising every metadata type and two tensors.
 fn small_file() -> Vec<u8> {
     let mut w = Writer::new();
-    w.str("general.architecture", "llama")
-        .u32("general.alignment", 32)
-        .f32("some.float", 1.5)
-        .bool("some.bool", true);
-    w.u64("some.u64", 1 << 40)
-        .strs("some.strings", &["a", "bc", ""])
-        .i32s("some.ints", &[-1, 2, 3]);
+    w.str("general.architecture", "llama").u32("general.alignment", 32).f32("some.float", 1.5).bool("some.bool", true);
+    w.u64("some.u64", 1 << 40).strs("some.strings", &["a", "bc", ""]).i32s("some.ints", &[-1, 2, 3]);
     // A nested array: [[1u8, 2u8], []].
     let out = w.key("some.nested", T_ARRAY);
     out.extend(T_ARRAY.to_le_bytes());
@@ -192,20 +170,11 @@ fn small_file_parses_every_value_type() {
     assert_eq!(f.get_f64("some.float").unwrap(), Some(1.5));
     assert_eq!(f.get_bool("some.bool").unwrap(), Some(true));
     assert_eq!(f.get_u64("some.u64").unwrap(), Some(1 << 40));
-    assert_eq!(
-        f.get_strings("some.strings").unwrap().unwrap(),
-        ["a", "bc", ""]
-    );
-    assert_eq!(
-        f.get_array("some.ints").unwrap().unwrap().to_i64s(),
-        Some(vec![-1, 2, 3])
-    );
+    assert_eq!(f.get_strings("some.strings").unwrap().unwrap(), ["a", "bc", ""]);
+    assert_eq!(f.get_array("some.ints").unwrap().unwrap().to_i64s(), Some(vec![-1, 2, 3]));
     assert_eq!(
         f.get("some.nested"),
-        Some(&GgufValue::Array(GgufArray::Array(vec![
-            GgufArray::U8(vec![1, 2]),
-            GgufArray::U8(vec![])
-        ])))
+        Some(&GgufValue::Array(GgufArray::Array(vec![GgufArray::U8(vec![1, 2]), GgufArray::U8(vec![])])))
     );
     assert_eq!(f.get_u64("missing").unwrap(), None);
     // A value of the wrong type is an error naming the key.
@@ -226,11 +195,7 @@ fn small_file_parses_every_value_type() {
     let e = f.matrix("mat.weight", 3, 2).unwrap_err();
     assert!(matches!(e, ModelError::Format { .. }), "{e}");
     assert!(e.to_string().contains("mat.weight"), "{e}");
-    assert!(f
-        .matrix("nope.weight", 1, 1)
-        .unwrap_err()
-        .to_string()
-        .contains("nope.weight"));
+    assert!(f.matrix("nope.weight", 1, 1).unwrap_err().to_string().contains("nope.weight"));
 }
 
 #[test]
@@ -238,11 +203,7 @@ fn every_truncation_is_an_error_not_a_panic() {
     let full = small_file();
     for len in 0..full.len() {
         let r = GgufFile::from_bytes(full[..len].to_vec());
-        assert!(
-            r.is_err(),
-            "a file truncated to {len} of {} bytes parsed",
-            full.len()
-        );
+        assert!(r.is_err(), "a file truncated to {len} of {} bytes parsed", full.len());
     }
     assert!(GgufFile::from_bytes(full).is_ok());
 }
@@ -288,10 +249,7 @@ fn bad_magic_and_versions() {
     let mut bytes = small_file();
     bytes[..4].copy_from_slice(b"GGML");
     assert!(err_of(bytes).contains("not a GGUF file"));
-    assert!(matches!(
-        GgufFile::from_bytes(header(1, 0, 0)),
-        Err(ModelError::Unsupported(_))
-    ));
+    assert!(matches!(GgufFile::from_bytes(header(1, 0, 0)), Err(ModelError::Unsupported(_))));
     assert!(err_of(header(99, 0, 0)).contains("version 99"));
     // v2 parses like v3.
     assert!(GgufFile::from_bytes(header(2, 0, 0)).is_ok());
@@ -378,10 +336,7 @@ fn bad_tensor_infos_are_rejected() {
     assert!(err_of(w.build()).contains("not aligned"));
     // Unknown ggml type.
     let e = GgufFile::from_bytes(one(&[8], 99, vec![0; 32]).build()).unwrap_err();
-    assert!(
-        matches!(&e, ModelError::Unsupported(m) if m.contains("t.weight") && m.contains("99")),
-        "{e}"
-    );
+    assert!(matches!(&e, ModelError::Unsupported(m) if m.contains("t.weight") && m.contains("99")), "{e}");
     // Dimension product overflow, too many dims, zero dims.
     assert!(err_of(one(&[1 << 32, 1 << 32, 1 << 32], 0, vec![]).build()).contains("overflow"));
     assert!(err_of(one(&[u64::MAX, 2], 0, vec![]).build()).contains("overflow"));
@@ -410,10 +365,7 @@ fn known_but_unimplemented_types_fail_at_use_not_open() {
     let f = GgufFile::from_bytes(w.build()).unwrap();
     assert_eq!(f.tensor("q5k.weight").unwrap().type_name(), "Q5_K");
     let e = f.matrix("q5k.weight", 2, 256).unwrap_err();
-    assert!(
-        matches!(&e, ModelError::Unsupported(m) if m.contains("Q5_K") && m.contains("q5k.weight")),
-        "{e}"
-    );
+    assert!(matches!(&e, ModelError::Unsupported(m) if m.contains("Q5_K") && m.contains("q5k.weight")), "{e}");
 }
 
 // ---------------------------------------------------------------------------
@@ -429,9 +381,7 @@ const LAYERS: usize = 2;
 
 /// Deterministic, distinct values per tensor.
 fn values(seed: usize, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|i| ((seed * 7919 + i * 104_729) % 1000) as f32 / 1000.0 - 0.5)
-        .collect()
+    (0..n).map(|i| ((seed * 7919 + i * 104_729) % 1000) as f32 / 1000.0 - 0.5).collect()
 }
 
 /// Q8_0 blocks for `values` with scale 1/64 (exactly representable).
@@ -449,82 +399,32 @@ fn tiny_llama(tied: bool) -> Writer {
     let mut w = Writer::new();
     let tokens: Vec<String> = (0..VOCAB).map(|i| format!("t{i}")).collect();
     let tokens: Vec<&str> = tokens.iter().map(String::as_str).collect();
-    w.str("general.architecture", "llama")
-        .u32("llama.embedding_length", HIDDEN as u32);
-    w.u32("llama.feed_forward_length", FFN as u32)
-        .u32("llama.block_count", LAYERS as u32);
-    w.u32("llama.attention.head_count", HEADS as u32)
-        .u32("llama.attention.head_count_kv", KV_HEADS as u32);
-    w.f32("llama.rope.freq_base", 50_000.0)
-        .f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
-    w.u32("llama.context_length", 256)
-        .u32("llama.rope.dimension_count", HEAD_DIM as u32);
+    w.str("general.architecture", "llama").u32("llama.embedding_length", HIDDEN as u32);
+    w.u32("llama.feed_forward_length", FFN as u32).u32("llama.block_count", LAYERS as u32);
+    w.u32("llama.attention.head_count", HEADS as u32).u32("llama.attention.head_count_kv", KV_HEADS as u32);
+    w.f32("llama.rope.freq_base", 50_000.0).f32("llama.attention.layer_norm_rms_epsilon", 1e-5);
+    w.u32("llama.context_length", 256).u32("llama.rope.dimension_count", HEAD_DIM as u32);
     w.strs("tokenizer.ggml.tokens", &tokens)
         .u32("tokenizer.ggml.bos_token_id", 1)
         .u32("tokenizer.ggml.eos_token_id", 2);
-    w.tensor(
-        "token_embd.weight",
-        &[HIDDEN as u64, VOCAB as u64],
-        8,
-        q8_0(&values(1, VOCAB * HIDDEN)),
-    );
+    w.tensor("token_embd.weight", &[HIDDEN as u64, VOCAB as u64], 8, q8_0(&values(1, VOCAB * HIDDEN)));
     w.f32_tensor("output_norm.weight", &[HIDDEN as u64], &values(2, HIDDEN));
     if !tied {
-        w.f32_tensor(
-            "output.weight",
-            &[HIDDEN as u64, VOCAB as u64],
-            &values(3, VOCAB * HIDDEN),
-        );
+        w.f32_tensor("output.weight", &[HIDDEN as u64, VOCAB as u64], &values(3, VOCAB * HIDDEN));
     }
     let (q, kv) = ((HEADS * HEAD_DIM) as u64, (KV_HEADS * HEAD_DIM) as u64);
     let (h, f) = (HIDDEN as u64, FFN as u64);
     for l in 0..LAYERS {
         let s = 10 * (l + 1);
-        w.f32_tensor(
-            &format!("blk.{l}.attn_norm.weight"),
-            &[h],
-            &values(s, HIDDEN),
-        );
-        w.f32_tensor(
-            &format!("blk.{l}.attn_q.weight"),
-            &[h, q],
-            &values(s + 1, (h * q) as usize),
-        );
-        w.f32_tensor(
-            &format!("blk.{l}.attn_k.weight"),
-            &[h, kv],
-            &values(s + 2, (h * kv) as usize),
-        );
-        w.f32_tensor(
-            &format!("blk.{l}.attn_v.weight"),
-            &[h, kv],
-            &values(s + 3, (h * kv) as usize),
-        );
-        w.f32_tensor(
-            &format!("blk.{l}.attn_output.weight"),
-            &[q, h],
-            &values(s + 4, (h * q) as usize),
-        );
-        w.f32_tensor(
-            &format!("blk.{l}.ffn_norm.weight"),
-            &[h],
-            &values(s + 5, HIDDEN),
-        );
-        w.f32_tensor(
-            &format!("blk.{l}.ffn_gate.weight"),
-            &[h, f],
-            &values(s + 6, (h * f) as usize),
-        );
-        w.f32_tensor(
-            &format!("blk.{l}.ffn_up.weight"),
-            &[h, f],
-            &values(s + 7, (h * f) as usize),
-        );
-        w.f32_tensor(
-            &format!("blk.{l}.ffn_down.weight"),
-            &[f, h],
-            &values(s + 8, (h * f) as usize),
-        );
+        w.f32_tensor(&format!("blk.{l}.attn_norm.weight"), &[h], &values(s, HIDDEN));
+        w.f32_tensor(&format!("blk.{l}.attn_q.weight"), &[h, q], &values(s + 1, (h * q) as usize));
+        w.f32_tensor(&format!("blk.{l}.attn_k.weight"), &[h, kv], &values(s + 2, (h * kv) as usize));
+        w.f32_tensor(&format!("blk.{l}.attn_v.weight"), &[h, kv], &values(s + 3, (h * kv) as usize));
+        w.f32_tensor(&format!("blk.{l}.attn_output.weight"), &[q, h], &values(s + 4, (h * q) as usize));
+        w.f32_tensor(&format!("blk.{l}.ffn_norm.weight"), &[h], &values(s + 5, HIDDEN));
+        w.f32_tensor(&format!("blk.{l}.ffn_gate.weight"), &[h, f], &values(s + 6, (h * f) as usize));
+        w.f32_tensor(&format!("blk.{l}.ffn_up.weight"), &[h, f], &values(s + 7, (h * f) as usize));
+        w.f32_tensor(&format!("blk.{l}.ffn_down.weight"), &[f, h], &values(s + 8, (h * f) as usize));
     }
     w
 }
@@ -540,22 +440,10 @@ fn synthetic_llama_loads_through_weights_load() {
     for tied in [true, false] {
         let f = GgufFile::from_bytes(tiny_llama(tied).build()).unwrap();
         let c = f.config().unwrap();
-        assert_eq!(
-            (c.hidden_size, c.intermediate_size, c.num_layers),
-            (HIDDEN, FFN, LAYERS)
-        );
-        assert_eq!(
-            (c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size),
-            (HEADS, KV_HEADS, HEAD_DIM, VOCAB)
-        );
-        assert_eq!(
-            (c.rope.theta, c.rms_norm_eps, c.max_position_embeddings),
-            (50_000.0, 1e-5, 256)
-        );
-        assert_eq!(
-            (c.bos_token_id, c.eos_token_ids.as_slice()),
-            (Some(1), &[2][..])
-        );
+        assert_eq!((c.hidden_size, c.intermediate_size, c.num_layers), (HIDDEN, FFN, LAYERS));
+        assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim, c.vocab_size), (HEADS, KV_HEADS, HEAD_DIM, VOCAB));
+        assert_eq!((c.rope.theta, c.rms_norm_eps, c.max_position_embeddings), (50_000.0, 1e-5, 256));
+        assert_eq!((c.bos_token_id, c.eos_token_ids.as_slice()), (Some(1), &[2][..]));
         assert_eq!(c.tie_word_embeddings, tied);
         assert!(!c.attention_bias);
 
@@ -568,25 +456,16 @@ fn synthetic_llama_loads_through_weights_load() {
                 .map(|v| (v * 64.0).round() / 64.0)
                 .collect::<Vec<_>>()
         );
-        assert_eq!(
-            w.lm_head.dtype(),
-            if tied { DType::Q8_0 } else { DType::F32 }
-        );
+        assert_eq!(w.lm_head.dtype(), if tied { DType::Q8_0 } else { DType::F32 });
         assert_eq!(w.final_norm, values(2, HIDDEN));
         let l1 = &w.layers[1];
         assert_eq!(l1.attn_norm, values(20, HIDDEN));
         // Q rows come back in Hugging Face order.
         let q_gguf = values(21, HEADS * HEAD_DIM * HIDDEN);
         for (hf_row, &gguf_row) in unpermute_order(HEADS, HEAD_DIM).iter().enumerate() {
-            assert_eq!(
-                row(&l1.wq, hf_row),
-                q_gguf[gguf_row * HIDDEN..(gguf_row + 1) * HIDDEN]
-            );
+            assert_eq!(row(&l1.wq, hf_row), q_gguf[gguf_row * HIDDEN..(gguf_row + 1) * HIDDEN]);
         }
-        assert_eq!(
-            row(&l1.wv, 3),
-            values(23, KV_HEADS * HEAD_DIM * HIDDEN)[3 * HIDDEN..4 * HIDDEN]
-        );
+        assert_eq!(row(&l1.wv, 3), values(23, KV_HEADS * HEAD_DIM * HIDDEN)[3 * HIDDEN..4 * HIDDEN]);
         assert_eq!((l1.w_down.rows(), l1.w_down.cols()), (HIDDEN, FFN));
     }
 }
@@ -596,37 +475,19 @@ fn synthetic_llama_config_errors() {
     // Wrong architecture.
     let mut other = Writer::new();
     other.str("general.architecture", "qwen2");
-    let e = GgufFile::from_bytes(other.build())
-        .unwrap()
-        .config()
-        .unwrap_err();
-    assert!(
-        matches!(&e, ModelError::Unsupported(m) if m.contains("qwen2")),
-        "{e}"
-    );
+    let e = GgufFile::from_bytes(other.build()).unwrap().config().unwrap_err();
+    assert!(matches!(&e, ModelError::Unsupported(m) if m.contains("qwen2")), "{e}");
     // A missing key is named.
     let mut missing = Writer::new();
-    missing
-        .str("general.architecture", "llama")
-        .u32("llama.embedding_length", 32);
-    let e = GgufFile::from_bytes(missing.build())
-        .unwrap()
-        .config()
-        .unwrap_err()
-        .to_string();
+    missing.str("general.architecture", "llama").u32("llama.embedding_length", 32);
+    let e = GgufFile::from_bytes(missing.build()).unwrap().config().unwrap_err().to_string();
     assert!(e.contains("llama.attention.head_count"), "{e}");
     // A wrongly shaped tensor fails the load with its name.
     let mut bad = tiny_llama(true);
-    let t = bad
-        .tensors
-        .iter_mut()
-        .find(|t| t.name == "blk.1.ffn_up.weight")
-        .unwrap();
+    let t = bad.tensors.iter_mut().find(|t| t.name == "blk.1.ffn_up.weight").unwrap();
     t.dims = vec![FFN as u64, HIDDEN as u64];
     let f = GgufFile::from_bytes(bad.build()).unwrap();
-    let e = Weights::load(&f.config().unwrap(), &f)
-        .unwrap_err()
-        .to_string();
+    let e = Weights::load(&f.config().unwrap(), &f).unwrap_err().to_string();
     assert!(e.contains("blk.1.ffn_up.weight"), "{e}");
 }
 
@@ -638,10 +499,7 @@ fn smollm2_gguf_parses() {
     let f = GgufFile::open(smollm2_gguf()).unwrap();
     assert!(matches!(f.version(), 2 | 3));
     let c = f.config().unwrap();
-    assert_eq!(
-        (c.num_layers, c.hidden_size, c.intermediate_size),
-        (30, 576, 1536)
-    );
+    assert_eq!((c.num_layers, c.hidden_size, c.intermediate_size), (30, 576, 1536));
     assert_eq!((c.num_heads, c.num_kv_heads, c.head_dim), (9, 3, 64));
     assert_eq!((c.vocab_size, c.max_position_embeddings), (49152, 8192));
     assert_eq!((c.rope.theta, c.rms_norm_eps), (100_000.0, 1e-5));
@@ -652,24 +510,12 @@ fn smollm2_gguf_parses() {
     assert_eq!(f.tensor("token_embd.weight").unwrap().type_name(), "Q8_0");
     assert_eq!(count("F32"), 61, "2 norms per layer and the final norm");
     assert_eq!(f.tensors().len(), 272);
-    assert_eq!(
-        f.get_strings("tokenizer.ggml.merges")
-            .unwrap()
-            .unwrap()
-            .len(),
-        48_900
-    );
+    assert_eq!(f.get_strings("tokenizer.ggml.merges").unwrap().unwrap().len(), 48_900);
 
     let w = Weights::load(&c, &f).unwrap();
-    assert_eq!(
-        (w.embed.rows(), w.embed.cols(), w.embed.dtype()),
-        (49152, 576, DType::Q8_0)
-    );
+    assert_eq!((w.embed.rows(), w.embed.cols(), w.embed.dtype()), (49152, 576, DType::Q8_0));
     assert_eq!(w.layers.len(), 30);
     assert_eq!(w.layers[0].wq.dtype(), DType::Q4_1);
-    assert_eq!(
-        (w.layers[29].w_down.rows(), w.layers[29].w_down.cols()),
-        (576, 1536)
-    );
+    assert_eq!((w.layers[29].w_down.rows(), w.layers[29].w_down.cols()), (576, 1536));
     assert!(w.final_norm.iter().all(|v| v.is_finite()));
 }

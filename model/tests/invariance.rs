@@ -27,7 +27,8 @@ fn prompt(n: usize, salt: u32) -> Vec<u32> {
 /// Prefills `prompt` into `seq`, then decodes `n` greedy tokens one at a
 /// time; returns every logits row produced.
 fn run_greedy(model: &Model, cache: &mut KvCache, seq: &mut SeqKv, prompt: &[u32], n: usize) -> Vec<Vec<f32>> {
-    let mut rows = vec![model.forward(cache, &mut [Step { tokens: prompt, seq, logits: Logits::Last }]).unwrap().remove(0)];
+    let mut rows =
+        vec![model.forward(cache, &mut [Step { tokens: prompt, seq, logits: Logits::Last }]).unwrap().remove(0)];
     for _ in 1..n {
         let tok = [argmax(rows.last().unwrap())];
         rows.push(model.forward(cache, &mut [Step { tokens: &tok, seq, logits: Logits::Last }]).unwrap().remove(0));
@@ -65,11 +66,9 @@ fn chunked_prefill_equals_one_shot() {
     for precision in [Precision::Exact, Precision::Fast] {
         let mut want = None;
         for chunk in [1usize, 5, 16, 64, 512] {
-            let mut engine = Engine::new(
-                tiny(precision),
-                EngineOptions { chunk_tokens: chunk, ..EngineOptions::default() },
-            )
-            .unwrap();
+            let mut engine =
+                Engine::new(tiny(precision), EngineOptions { chunk_tokens: chunk, ..EngineOptions::default() })
+                    .unwrap();
             let p = prompt(100, 2);
             let (gens, t) = engine.generate(&[greedy(&p, 16)], |_, _| Flow::Continue).unwrap();
             assert_eq!(t.prefill_tokens, 100);

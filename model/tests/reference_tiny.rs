@@ -11,12 +11,7 @@ use tandem_model::kv_cache::{KvCache, KvDType, SeqKv};
 use tandem_model::sampling::SamplingParams;
 
 fn greedy(prompt: &[u32], max_tokens: usize) -> Request {
-    Request {
-        prompt: prompt.to_vec(),
-        max_tokens,
-        sampling: SamplingParams::default(),
-        stop_ids: vec![],
-    }
+    Request { prompt: prompt.to_vec(), max_tokens, sampling: SamplingParams::default(), stop_ids: vec![] }
 }
 
 #[test]
@@ -26,16 +21,10 @@ fn tiny_llama_generates_the_reference_tokens() {
     let cases = cases("tiny-llama-bf16__f32compute");
     assert_eq!(cases.len(), 3);
     for case in &cases {
-        let (gens, _) = engine
-            .generate(&[greedy(&case.prompt_ids, 32)], |_, _| Flow::Continue)
-            .unwrap();
+        let (gens, _) = engine.generate(&[greedy(&case.prompt_ids, 32)], |_, _| Flow::Continue).unwrap();
         assert_eq!(gens[0].ids(), case.generated_ids, "case {}", case.name);
     }
-    assert_eq!(
-        engine.cache().free_pages(),
-        engine.cache().num_pages(),
-        "every page returned"
-    );
+    assert_eq!(engine.cache().free_pages(), engine.cache().num_pages(), "every page returned");
 }
 
 #[test]
@@ -51,14 +40,7 @@ fn tiny_llama_logits_match_within_1e4() {
         all.extend_from_slice(&case.generated_ids[..31]);
         let mut seq = SeqKv::default();
         let logits = model
-            .forward(
-                &mut cache,
-                &mut [Step {
-                    tokens: &all,
-                    seq: &mut seq,
-                    logits: Logits::All,
-                }],
-            )
+            .forward(&mut cache, &mut [Step { tokens: &all, seq: &mut seq, logits: Logits::All }])
             .unwrap()
             .remove(0);
         let t = case.prompt_ids.len();
@@ -67,25 +49,10 @@ fn tiny_llama_logits_match_within_1e4() {
         let d_prefill = max_abs_diff(&logits[..t * vocab], &case.prefill_logits);
         // decode_logits[i] are the logits that chose generated_ids[i].
         let d_decode = max_abs_diff(&logits[(t - 1) * vocab..], &case.decode_logits);
-        println!(
-            "{}: first {d_first:.2e} prefill {d_prefill:.2e} decode {d_decode:.2e}",
-            case.name
-        );
-        assert!(
-            d_first < 1e-4,
-            "{}: first-step logits differ by {d_first}",
-            case.name
-        );
-        assert!(
-            d_prefill < 1e-4,
-            "{}: prefill logits differ by {d_prefill}",
-            case.name
-        );
-        assert!(
-            d_decode < 1e-4,
-            "{}: teacher-forced logits differ by {d_decode}",
-            case.name
-        );
+        println!("{}: first {d_first:.2e} prefill {d_prefill:.2e} decode {d_decode:.2e}", case.name);
+        assert!(d_first < 1e-4, "{}: first-step logits differ by {d_first}", case.name);
+        assert!(d_prefill < 1e-4, "{}: prefill logits differ by {d_prefill}", case.name);
+        assert!(d_decode < 1e-4, "{}: teacher-forced logits differ by {d_decode}", case.name);
         cache.release(seq);
     }
 }

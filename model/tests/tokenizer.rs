@@ -37,21 +37,11 @@ fn smollm2() -> (GgufFile, Tokenizer) {
 fn reference_case(file: &str, name: &str) -> Value {
     let text = std::fs::read_to_string(fixtures().join("references").join(file)).unwrap();
     let v: Value = serde_json::from_str(&text).unwrap();
-    v["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap()
-        .clone()
+    v["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap().clone()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn tiny() -> Tokenizer {
@@ -61,15 +51,9 @@ fn tiny() -> Tokenizer {
 #[test]
 fn tiny_fixture_tokenizer_matches_reference_ids() {
     let tok = tiny();
-    assert_eq!(
-        (tok.bos_id(), tok.eos_id(), tok.vocab_size()),
-        (Some(1), Some(2), 4096)
-    );
+    assert_eq!((tok.bos_id(), tok.eos_id(), tok.vocab_size()), (Some(1), Some(2), 4096));
     assert_eq!(tok.stop_ids(), [2]);
-    assert_eq!(
-        (tok.bos_token(), tok.eos_token()),
-        (Some("<s>"), Some("</s>"))
-    );
+    assert_eq!((tok.bos_token(), tok.eos_token()), (Some("<s>"), Some("</s>")));
     assert_eq!(tok.chat_template(), None);
 
     let case = reference_case("tiny-llama-bf16__f32compute.json", "text");
@@ -83,19 +67,9 @@ fn tiny_fixture_tokenizer_matches_reference_ids() {
 
     for name in ["text", "random37", "bos_only"] {
         let case = reference_case("tiny-llama-bf16__f32compute.json", name);
-        let all: Vec<u32> = ids(&case["prompt_ids"])
-            .into_iter()
-            .chain(ids(&case["generated_ids"]))
-            .collect();
-        assert_eq!(
-            tok.decode(&all, false).unwrap(),
-            case["full_text"].as_str().unwrap(),
-            "case {name}"
-        );
-        assert_eq!(
-            tok.decode(&ids(&case["generated_ids"]), false).unwrap(),
-            case["generated_text"].as_str().unwrap()
-        );
+        let all: Vec<u32> = ids(&case["prompt_ids"]).into_iter().chain(ids(&case["generated_ids"])).collect();
+        assert_eq!(tok.decode(&all, false).unwrap(), case["full_text"].as_str().unwrap(), "case {name}");
+        assert_eq!(tok.decode(&ids(&case["generated_ids"]), false).unwrap(), case["generated_text"].as_str().unwrap());
     }
 }
 
@@ -103,21 +77,13 @@ fn tiny_fixture_tokenizer_matches_reference_ids() {
 fn hf_dir_reads_template_list_generation_eos_and_add_bos() {
     let dir = tempfile::tempdir().unwrap();
     let src = fixtures().join("tiny-llama-bf16");
-    std::fs::copy(
-        src.join("tokenizer.json"),
-        dir.path().join("tokenizer.json"),
-    )
-    .unwrap();
+    std::fs::copy(src.join("tokenizer.json"), dir.path().join("tokenizer.json")).unwrap();
     let config = serde_json::json!({
         "bos_token": {"content": "<s>"}, "eos_token": "</s>", "add_bos_token": true,
         "chat_template": [{"name": "rag", "template": "R"}, {"name": "default", "template": "{{ bos_token }}D"}]
     });
     std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
-    std::fs::write(
-        dir.path().join("generation_config.json"),
-        r#"{"eos_token_id": [2, 0]}"#,
-    )
-    .unwrap();
+    std::fs::write(dir.path().join("generation_config.json"), r#"{"eos_token_id": [2, 0]}"#).unwrap();
     let tok = Tokenizer::from_hf_dir(dir.path()).unwrap();
     assert_eq!(tok.chat_template(), Some("{{ bos_token }}D"));
     assert_eq!(tok.stop_ids(), [2, 0]);
@@ -126,15 +92,9 @@ fn hf_dir_reads_template_list_generation_eos_and_add_bos() {
     assert_eq!(with[0], 1);
     assert_ne!(with[1], 1);
 
-    assert!(matches!(
-        Tokenizer::from_hf_dir(dir.path().join("nope")),
-        Err(ModelError::Io { .. })
-    ));
+    assert!(matches!(Tokenizer::from_hf_dir(dir.path().join("nope")), Err(ModelError::Io { .. })));
     std::fs::write(dir.path().join("tokenizer_config.json"), "{broken").unwrap();
-    assert!(matches!(
-        Tokenizer::from_hf_dir(dir.path()),
-        Err(ModelError::Format { .. })
-    ));
+    assert!(matches!(Tokenizer::from_hf_dir(dir.path()), Err(ModelError::Format { .. })));
 }
 
 #[test]
@@ -146,21 +106,11 @@ fn smollm2_gguf_tokenizer_encodes_the_reference_chat_prompt() {
     assert_eq!(tok.stop_ids(), [2]);
 
     let case = reference_case("smollm2-135m-instruct-f32__f32compute__chat.json", "chat");
-    let template =
-        ChatTemplate::new(tok.chat_template().expect("SmolLM2 embeds a chat template")).unwrap();
+    let template = ChatTemplate::new(tok.chat_template().expect("SmolLM2 embeds a chat template")).unwrap();
     let user = case["prompt_text"].as_str().unwrap();
-    let prompt = template
-        .render(
-            &[ChatMessage::user(user)],
-            true,
-            tok.bos_token().unwrap(),
-            tok.eos_token().unwrap(),
-        )
-        .unwrap();
-    assert!(
-        prompt.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"),
-        "{prompt}"
-    );
+    let prompt =
+        template.render(&[ChatMessage::user(user)], true, tok.bos_token().unwrap(), tok.eos_token().unwrap()).unwrap();
+    assert!(prompt.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"), "{prompt}");
     assert!(prompt.ends_with("<|im_start|>assistant\n"), "{prompt}");
     let want = ids(&case["prompt_ids"]);
     assert_eq!(want.len(), 37);
@@ -169,19 +119,10 @@ fn smollm2_gguf_tokenizer_encodes_the_reference_chat_prompt() {
     assert_eq!(tok.encode(&prompt, false).unwrap(), want);
 
     let generated = ids(&case["generated_ids"]);
-    assert_eq!(
-        tok.decode(&generated, false).unwrap(),
-        case["generated_text"].as_str().unwrap()
-    );
+    assert_eq!(tok.decode(&generated, false).unwrap(), case["generated_text"].as_str().unwrap());
     let all: Vec<u32> = want.iter().chain(&generated).copied().collect();
-    assert_eq!(
-        tok.decode(&all, false).unwrap(),
-        case["full_text"].as_str().unwrap()
-    );
-    assert_eq!(
-        tok.decode(&generated[..7], true).unwrap(),
-        "The capital of France is Paris."
-    );
+    assert_eq!(tok.decode(&all, false).unwrap(), case["full_text"].as_str().unwrap());
+    assert_eq!(tok.decode(&generated[..7], true).unwrap(), "The capital of France is Paris.");
 }
 
 #[test]
@@ -201,13 +142,11 @@ fn smollm2_splits_digits_and_special_tokens() {
 /// Text drawn from a mix of scripts, emoji, combining marks and whitespace.
 fn random_text(rng: &mut impl rand::Rng) -> String {
     const POOL: &[&str] = &[
-        "a", "Z", "q", " ", "  ", "\n", "\t", "7", "42", ".", ",", "'s", "!?", "é", "ß", "ø", "中",
-        "文", "日本", "한", "Ж", "ы", "ع", "ह", "🙂", "😀", "👍🏽", "🇫🇷", "e\u{301}", "\u{200d}",
-        "€", "½", "٣", "<", "|", ">", "{", "}", "\\",
+        "a", "Z", "q", " ", "  ", "\n", "\t", "7", "42", ".", ",", "'s", "!?", "é", "ß", "ø", "中", "文", "日本", "한",
+        "Ж", "ы", "ع", "ह", "🙂", "😀", "👍🏽", "🇫🇷", "e\u{301}", "\u{200d}", "€", "½", "٣", "<", "|", ">", "{", "}",
+        "\\",
     ];
-    (0..rng.random_range(0..40))
-        .map(|_| POOL[rng.random_range(0..POOL.len())])
-        .collect()
+    (0..rng.random_range(0..40)).map(|_| POOL[rng.random_range(0..POOL.len())]).collect()
 }
 
 #[test]
@@ -250,14 +189,8 @@ fn streaming_decode_of_multibyte_text_equals_full_decode() {
     let ids = tok.encode(text, false).unwrap();
     let mut stream = tok.decode_stream(false);
     let pieces: Vec<Option<String>> = ids.iter().map(|&id| stream.step(id).unwrap()).collect();
-    assert!(
-        pieces.iter().any(Option::is_none),
-        "some character spans several tokens"
-    );
-    assert_eq!(
-        pieces.into_iter().flatten().collect::<String>(),
-        tok.decode(&ids, false).unwrap()
-    );
+    assert!(pieces.iter().any(Option::is_none), "some character spans several tokens");
+    assert_eq!(pieces.into_iter().flatten().collect::<String>(), tok.decode(&ids, false).unwrap());
 
     // An incomplete character at the end comes out on flush.
     let emoji = tok.encode("😀", false).unwrap();
@@ -269,31 +202,16 @@ fn streaming_decode_of_multibyte_text_equals_full_decode() {
     // Skipped special tokens produce nothing.
     let mut stream = tok.decode_stream(true);
     assert_eq!(stream.step(2).unwrap(), None);
-    assert_eq!(
-        stream
-            .step(tok.encode("Hi", false).unwrap()[0])
-            .unwrap()
-            .as_deref(),
-        Some("Hi")
-    );
+    assert_eq!(stream.step(tok.encode("Hi", false).unwrap()[0]).unwrap().as_deref(), Some("Hi"));
 }
 
 #[test]
 fn out_of_range_ids_are_request_errors() {
     let (_, tok) = smollm2();
-    assert!(matches!(
-        tok.decode(&[5, 49152], false),
-        Err(ModelError::Request(_))
-    ));
-    assert!(matches!(
-        tok.decode_stream(false).step(u32::MAX),
-        Err(ModelError::Request(_))
-    ));
+    assert!(matches!(tok.decode(&[5, 49152], false), Err(ModelError::Request(_))));
+    assert!(matches!(tok.decode_stream(false).step(u32::MAX), Err(ModelError::Request(_))));
     let tiny = tiny();
-    assert!(matches!(
-        tiny.decode(&[4096], false),
-        Err(ModelError::Request(_))
-    ));
+    assert!(matches!(tiny.decode(&[4096], false), Err(ModelError::Request(_))));
 }
 
 #[test]
@@ -307,49 +225,30 @@ fn chat_template_hf_dialect() {
         {% endfor %}\
         {{ messages[-1] | tojson }}{% if add_generation_prompt %}{{ eos_token }}{% endif %}";
     let t = ChatTemplate::new(source).unwrap();
-    let msgs = [
-        ChatMessage::system("  be brief "),
-        ChatMessage::user(" hi "),
-        ChatMessage::assistant("yo"),
-    ];
+    let msgs = [ChatMessage::system("  be brief "), ChatMessage::user(" hi "), ChatMessage::assistant("yo")];
     let out = t.render(&msgs, true, "<s>", "</s>").unwrap();
+    assert_eq!(out, "<s>[be brief]\nUSER: hi | ASSISTANT: yo{\"role\": \"assistant\", \"content\": \"yo\"}</s>");
+    // json.dumps spacing and indentation, no HTML escaping, raw non-ASCII.
+    let t = ChatTemplate::new("{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}").unwrap();
+    let out = t.render(&[ChatMessage::user("<b>&é")], false, "", "").unwrap();
     assert_eq!(
         out,
-        "<s>[be brief]\nUSER: hi | ASSISTANT: yo{\"role\": \"assistant\", \"content\": \"yo\"}</s>"
+        "[{\"role\": \"user\", \"content\": \"<b>&é\"}]|{\n  \"role\": \"user\",\n  \"content\": \"<b>&é\"\n}"
     );
-    // json.dumps spacing and indentation, no HTML escaping, raw non-ASCII.
-    let t =
-        ChatTemplate::new("{{ messages | tojson }}|{{ messages[0] | tojson(indent=2) }}").unwrap();
-    let out = t
-        .render(&[ChatMessage::user("<b>&é")], false, "", "")
-        .unwrap();
-    assert_eq!(out, "[{\"role\": \"user\", \"content\": \"<b>&é\"}]|{\n  \"role\": \"user\",\n  \"content\": \"<b>&é\"\n}");
 
     // strftime_now gives a plausible date.
-    let date = ChatTemplate::new("{{ strftime_now('%Y-%m-%d') }}")
-        .unwrap()
-        .render(&[], false, "", "")
-        .unwrap();
+    let date = ChatTemplate::new("{{ strftime_now('%Y-%m-%d') }}").unwrap().render(&[], false, "", "").unwrap();
     assert_eq!(date.len(), 10, "{date}");
     assert!(date.starts_with("20"), "{date}");
 
-    let chatml = ChatTemplate::new(CHATML_TEMPLATE)
-        .unwrap()
-        .render(&[ChatMessage::user("x")], true, "", "")
-        .unwrap();
-    assert_eq!(
-        chatml,
-        "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n"
-    );
+    let chatml = ChatTemplate::new(CHATML_TEMPLATE).unwrap().render(&[ChatMessage::user("x")], true, "", "").unwrap();
+    assert_eq!(chatml, "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n");
 }
 
 #[test]
 fn chat_template_errors_are_clear() {
     let e = ChatTemplate::new("{% for m in messages %}{{ m.content }").unwrap_err();
-    assert!(
-        matches!(&e, ModelError::Config(m) if m.contains("does not compile")),
-        "{e}"
-    );
+    assert!(matches!(&e, ModelError::Config(m) if m.contains("does not compile")), "{e}");
 
     let t = ChatTemplate::new(
         "{% for m in messages %}{% if (m.role == 'user') != (loop.index0 % 2 == 0) %}\
@@ -357,21 +256,7 @@ fn chat_template_errors_are_clear() {
          {% endif %}{{ m.content }}{% endfor %}",
     )
     .unwrap();
-    assert_eq!(
-        t.render(
-            &[ChatMessage::user("a"), ChatMessage::assistant("b")],
-            false,
-            "",
-            ""
-        )
-        .unwrap(),
-        "ab"
-    );
-    let e = t
-        .render(&[ChatMessage::assistant("b")], false, "", "")
-        .unwrap_err();
-    assert!(
-        matches!(&e, ModelError::Request(m) if m.contains("roles must alternate")),
-        "{e}"
-    );
+    assert_eq!(t.render(&[ChatMessage::user("a"), ChatMessage::assistant("b")], false, "", "").unwrap(), "ab");
+    let e = t.render(&[ChatMessage::assistant("b")], false, "", "").unwrap_err();
+    assert!(matches!(&e, ModelError::Request(m) if m.contains("roles must alternate")), "{e}");
 }

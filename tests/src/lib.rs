@@ -12,4 +12,3 @@ pub fn repo_root() -> PathBuf {
 pub fn fixtures() -> PathBuf {
     repo_root().join("fixtures")
 }
-

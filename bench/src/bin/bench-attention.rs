@@ -77,7 +77,10 @@ fn main() -> anyhow::Result<()> {
     let q: Vec<f32> = (0..KV_HEADS * GROUP * HEAD_DIM).map(|i| (i % 13) as f32 / 13.0).collect();
     let bandwidth = baseline::read_bandwidth(1 << 30, 5);
     println!("read bandwidth (same run, {} threads): {:.2} GB/s", rayon::current_num_threads(), bandwidth / 1e9);
-    println!("{:>8} {:>12} {:>10} {:>12} {:>10} {:>14}", "context", "KV MB/step", "paged GB/s", "of memory", "contig GB/s", "paged/contig");
+    println!(
+        "{:>8} {:>12} {:>10} {:>12} {:>10} {:>14}",
+        "context", "KV MB/step", "paged GB/s", "of memory", "contig GB/s", "paged/contig"
+    );
     let mut rows = Vec::new();
     for &ctx in &args.contexts {
         let bytes = (args.batch * ctx * 2 * KV_HEADS * HEAD_DIM * 4) as f64;

@@ -212,10 +212,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 "finish_reason": format!("{:?}", g.finish_reason).to_lowercase(),
             });
             if args.logprobs.is_some() {
-                o["logprobs"] = json!(g.tokens.iter().map(|s| json!({
-                    "token": s.token, "logprob": s.logprob,
-                    "top": s.top_logprobs.iter().map(|(id, lp)| json!([id, lp])).collect::<Vec<_>>(),
-                })).collect::<Vec<_>>());
+                o["logprobs"] = json!(g
+                    .tokens
+                    .iter()
+                    .map(|s| json!({
+                        "token": s.token, "logprob": s.logprob,
+                        "top": s.top_logprobs.iter().map(|(id, lp)| json!([id, lp])).collect::<Vec<_>>(),
+                    }))
+                    .collect::<Vec<_>>());
             }
             o
         };

@@ -54,9 +54,16 @@ pub fn run(cmd: ModelCommand) -> anyhow::Result<()> {
             println!("heads:           {} query, {} KV, head_dim {}", c.num_heads, c.num_kv_heads, c.head_dim);
             println!("vocab:           {}", c.vocab_size);
             println!("context:         {}", c.max_position_embeddings);
-            println!("rope theta:      {}{}", c.rope.theta, if c.rope.llama3_scaling.is_some() { " (llama3 scaling)" } else { "" });
+            println!(
+                "rope theta:      {}{}",
+                c.rope.theta,
+                if c.rope.llama3_scaling.is_some() { " (llama3 scaling)" } else { "" }
+            );
             println!("tied embeddings: {}", c.tie_word_embeddings);
-            println!("chat template:   {}", if loaded.tokenizer.chat_template().is_some() { "yes" } else { "no (ChatML fallback)" });
+            println!(
+                "chat template:   {}",
+                if loaded.tokenizer.chat_template().is_some() { "yes" } else { "no (ChatML fallback)" }
+            );
         }
     }
     Ok(())

@@ -86,19 +86,33 @@ pub(super) mod avx2 {
     /// AVX2/FMA CPU; `x` is `m × k`, `rows` is `nc × k` with `nc ≥ 1`; the
     /// calling thread owns output columns `j0..j0 + nc`.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub(super) unsafe fn block_product(x: &[f32], m: usize, k: usize, rows: &[f32], nc: usize, j0: usize, out: OutPtr<'_>) {
+    pub(super) unsafe fn block_product(
+        x: &[f32],
+        m: usize,
+        k: usize,
+        rows: &[f32],
+        nc: usize,
+        j0: usize,
+        out: OutPtr<'_>,
+    ) {
         assert!(x.len() == m * k && rows.len() == nc * k && nc >= 1);
         let xp = x.as_ptr();
         let mut i = 0;
         while i < m {
-            let mr = if m - i >= 4 { 4 } else if m - i >= 2 { 2 } else { 1 };
+            let mr = if m - i >= 4 {
+                4
+            } else if m - i >= 2 {
+                2
+            } else {
+                1
+            };
             for p0 in (0..nc).step_by(PANEL) {
                 let nr = PANEL.min(nc - p0);
                 // Rows past `nr` repeat the last one; their results are
                 // dropped.
                 let wp: [*const f32; PANEL] = std::array::from_fn(|c| rows[(p0 + c.min(nr - 1)) * k..].as_ptr());
                 let j = j0 + p0;
-                // SAFETY (whole block): the row pointers address `k` floats
+                // SAFETY: the row pointers address `k` floats
                 // each (rows `i..i + mr ≤ m` of `x`, rows of `rows`); the
                 // writes go to rows `i..i + mr` and this thread's columns
                 // `j..j + nr`.
@@ -135,7 +149,13 @@ pub(super) mod avx2 {
     /// # Safety
     /// As [`OutPtr::write`] for every element written.
     #[inline]
-    unsafe fn store<const MR: usize, const NR: usize>(out: OutPtr<'_>, res: &[[f32; NR]; MR], i0: usize, j0: usize, valid: usize) {
+    unsafe fn store<const MR: usize, const NR: usize>(
+        out: OutPtr<'_>,
+        res: &[[f32; NR]; MR],
+        i0: usize,
+        j0: usize,
+        valid: usize,
+    ) {
         for (r, row) in res.iter().enumerate() {
             for (c, &v) in row.iter().enumerate().take(valid) {
                 // SAFETY: per the caller.

@@ -126,10 +126,13 @@ mod tests {
         }
         let seed = 3;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let dtypes = [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4_K, DType::Q6_K];
+        let dtypes =
+            [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4_K, DType::Q6_K];
         for dtype in dtypes {
             for cols in [256usize, 512, 13, 7] {
-                let Ok(len) = dtype.row_bytes(cols) else { continue };
+                let Ok(len) = dtype.row_bytes(cols) else {
+                    continue;
+                };
                 let mut src: Vec<u8> = (0..len).map(|_| rng.random()).collect();
                 // Keep f16 scales finite so NaN payloads do not get in the way.
                 if dtype.is_quantized() && dtype != DType::Q6_K {

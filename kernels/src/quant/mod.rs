@@ -3,11 +3,17 @@
 //! These are the test oracle for the SIMD kernels and the exact f32 path:
 //! `dequantize_row` reproduces the float weights bit for bit as ggml defines
 //! them (`w = d * q`, `w = d * q + m`, …).
+//!
+//! - `avx2` — SIMD dequantization, bit-identical to the scalar code
+//!   (reached through [`dequantize_row_with`]).
+//! - [`q16`] — activation quantization (per 32, i16 + scale + exact block
+//!   sum) for the fast integer matmul path.
+//! - `encode` — scalar quantizers ([`quantize_row`]) for tests and tools.
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 mod encode;
-pub mod q8;
+pub mod q16;
 
 pub use encode::quantize_row;
 

@@ -118,10 +118,7 @@ impl GgufFile {
         let mut metadata_index = HashMap::with_capacity(header.metadata.len());
         for (i, (key, _)) in header.metadata.iter().enumerate() {
             if metadata_index.insert(key.clone(), i).is_some() {
-                return Err(ModelError::format(
-                    &path,
-                    format!("metadata key '{key}' appears twice"),
-                ));
+                return Err(ModelError::format(&path, format!("metadata key '{key}' appears twice")));
             }
         }
         let mut file = Self {
@@ -139,9 +136,8 @@ impl GgufFile {
             match usize::try_from(a) {
                 Ok(a) if a.is_power_of_two() && a <= MAX_ALIGNMENT => file.alignment = a,
                 _ => {
-                    return Err(file.format_err(format!(
-                        "general.alignment = {a} is not a power of two in 1..={MAX_ALIGNMENT}"
-                    )))
+                    return Err(file
+                        .format_err(format!("general.alignment = {a} is not a power of two in 1..={MAX_ALIGNMENT}")))
                 }
             }
         }
@@ -153,11 +149,7 @@ impl GgufFile {
         file.tensors.reserve(header.tensors.len());
         for raw in header.tensors {
             let info = file.check_tensor(raw, data_len)?;
-            if file
-                .tensor_index
-                .insert(info.name.clone(), file.tensors.len())
-                .is_some()
-            {
+            if file.tensor_index.insert(info.name.clone(), file.tensors.len()).is_some() {
                 return Err(file.format_err(format!("tensor '{}' appears twice", info.name)));
             }
             file.tensors.push(info);
@@ -168,14 +160,13 @@ impl GgufFile {
     /// Checks a tensor's type, shape and extent against the data section.
     fn check_tensor(&self, raw: reader::RawTensorInfo, data_len: usize) -> Result<GgufTensorInfo> {
         let name = &raw.name;
-        let (type_name, block_elems, block_bytes) = reader::ggml_type_info(raw.ggml_type)
-            .ok_or_else(|| {
-                ModelError::Unsupported(format!(
-                    "{}: tensor '{name}' has unknown ggml type {}",
-                    self.path.display(),
-                    raw.ggml_type
-                ))
-            })?;
+        let (type_name, block_elems, block_bytes) = reader::ggml_type_info(raw.ggml_type).ok_or_else(|| {
+            ModelError::Unsupported(format!(
+                "{}: tensor '{name}' has unknown ggml type {}",
+                self.path.display(),
+                raw.ggml_type
+            ))
+        })?;
         let shape = format!("{:?}", raw.dims);
         let n_elements = raw.dims.iter().try_fold(1u64, |acc, &d| acc.checked_mul(d));
         let inner = raw.dims[0];
@@ -183,11 +174,7 @@ impl GgufFile {
             .filter(|&n| n <= i64::MAX as u64)
             .and_then(|n| (n / block_elems as u64).checked_mul(block_bytes as u64))
             .and_then(|s| usize::try_from(s).ok())
-            .ok_or_else(|| {
-                self.format_err(format!(
-                    "tensor '{name}' with dims {shape} is too large (overflow)"
-                ))
-            })?;
+            .ok_or_else(|| self.format_err(format!("tensor '{name}' with dims {shape} is too large (overflow)")))?;
         if !inner.is_multiple_of(block_elems as u64) {
             return Err(self.format_err(format!(
                 "tensor '{name}' ({type_name}) has inner dimension {inner}, not a multiple of its block size {block_elems}"
@@ -246,42 +233,28 @@ impl GgufFile {
         self.metadata_index.get(key).map(|&i| &self.metadata[i].1)
     }
 
-    fn typed<'a, T>(
-        &'a self,
-        key: &str,
-        want: &str,
-        f: impl FnOnce(&'a GgufValue) -> Option<T>,
-    ) -> Result<Option<T>> {
+    fn typed<'a, T>(&'a self, key: &str, want: &str, f: impl FnOnce(&'a GgufValue) -> Option<T>) -> Result<Option<T>> {
         match self.get(key) {
             None => Ok(None),
             Some(v) => f(v).map(Some).ok_or_else(|| {
-                self.format_err(format!(
-                    "metadata '{key}' is {} {v:.60?}, expected {want}",
-                    v.type_name()
-                ))
+                self.format_err(format!("metadata '{key}' is {} {v:.60?}, expected {want}", v.type_name()))
             }),
         }
     }
 
     /// A non-negative integer of any integer type.
     pub fn get_u64(&self, key: &str) -> Result<Option<u64>> {
-        self.typed(key, "a non-negative integer", |v| {
-            v.as_int().and_then(|i| u64::try_from(i).ok())
-        })
+        self.typed(key, "a non-negative integer", |v| v.as_int().and_then(|i| u64::try_from(i).ok()))
     }
 
     /// A non-negative integer that fits `u32` (token ids, small counts).
     pub fn get_u32(&self, key: &str) -> Result<Option<u32>> {
-        self.typed(key, "an integer in u32 range", |v| {
-            v.as_int().and_then(|i| u32::try_from(i).ok())
-        })
+        self.typed(key, "an integer in u32 range", |v| v.as_int().and_then(|i| u32::try_from(i).ok()))
     }
 
     /// A non-negative integer that fits `usize`.
     pub fn get_usize(&self, key: &str) -> Result<Option<usize>> {
-        self.typed(key, "a non-negative integer", |v| {
-            v.as_int().and_then(|i| usize::try_from(i).ok())
-        })
+        self.typed(key, "a non-negative integer", |v| v.as_int().and_then(|i| usize::try_from(i).ok()))
     }
 
     /// A float (or integer) value.
@@ -303,9 +276,7 @@ impl GgufFile {
 
     /// An array of strings.
     pub fn get_strings(&self, key: &str) -> Result<Option<&[String]>> {
-        self.typed(key, "an array of strings", |v| {
-            v.as_array().and_then(GgufArray::as_strings)
-        })
+        self.typed(key, "an array of strings", |v| v.as_array().and_then(GgufArray::as_strings))
     }
 
     /// `general.architecture` (required by the format).
@@ -325,9 +296,7 @@ impl GgufFile {
 
     /// A tensor's raw bytes (a view of the map, no copy).
     pub fn tensor_bytes(&self, name: &str) -> Result<SharedBytes> {
-        let t = self
-            .tensor(name)
-            .ok_or_else(|| self.format_err(format!("tensor '{name}' is missing")))?;
+        let t = self.tensor(name).ok_or_else(|| self.format_err(format!("tensor '{name}' is missing")))?;
         self.bytes
             .slice(t.start, t.size_bytes)
             .ok_or_else(|| self.format_err(format!("tensor '{name}' lies outside the file")))
@@ -336,9 +305,7 @@ impl GgufFile {
 
 impl TensorSource for GgufFile {
     fn matrix(&self, name: &str, rows: usize, cols: usize) -> Result<WeightMatrix> {
-        let t = self
-            .tensor(name)
-            .ok_or_else(|| self.format_err(format!("tensor '{name}' is missing")))?;
+        let t = self.tensor(name).ok_or_else(|| self.format_err(format!("tensor '{name}' is missing")))?;
         // ggml order: ne[0] is the row length; a 1-D tensor is one row;
         // trailing dimensions of 1 do not change the shape.
         let (ne0, ne1) = (t.dims[0], t.dims.get(1).copied().unwrap_or(1));
@@ -357,12 +324,7 @@ impl TensorSource for GgufFile {
                 t.ggml_type
             ))
         })?;
-        Ok(WeightMatrix::new(
-            dtype,
-            rows,
-            cols,
-            self.tensor_bytes(name)?,
-        )?)
+        Ok(WeightMatrix::new(dtype, rows, cols, self.tensor_bytes(name)?)?)
     }
 
     fn contains(&self, name: &str) -> bool {

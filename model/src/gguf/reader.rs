@@ -40,10 +40,7 @@ struct Cursor<'a> {
 
 impl<'a> Cursor<'a> {
     fn err(&self, reason: impl std::fmt::Display) -> ModelError {
-        ModelError::format(
-            self.path,
-            format!("GGUF header at byte {}: {reason}", self.pos),
-        )
+        ModelError::format(self.path, format!("GGUF header at byte {}: {reason}", self.pos))
     }
 
     fn remaining(&self) -> usize {
@@ -52,10 +49,9 @@ impl<'a> Cursor<'a> {
 
     fn take(&mut self, n: usize, what: &str) -> Result<&'a [u8]> {
         if n > self.remaining() {
-            return Err(self.err(format!(
-                "{what} needs {n} bytes but only {} remain (truncated file?)",
-                self.remaining()
-            )));
+            return Err(
+                self.err(format!("{what} needs {n} bytes but only {} remain (truncated file?)", self.remaining()))
+            );
         }
         let bytes = &self.data[self.pos..self.pos + n];
         self.pos += n;
@@ -83,10 +79,9 @@ impl<'a> Cursor<'a> {
         let max = self.remaining() / min_item_bytes.max(1);
         match usize::try_from(n) {
             Ok(n) if n <= max => Ok(n),
-            _ => Err(self.err(format!(
-                "{what} is {n}, but the {} bytes left can hold at most {max}",
-                self.remaining()
-            ))),
+            _ => {
+                Err(self.err(format!("{what} is {n}, but the {} bytes left can hold at most {max}", self.remaining())))
+            }
         }
     }
 
@@ -95,25 +90,14 @@ impl<'a> Cursor<'a> {
         let start = self.pos;
         let bytes = self.take(len, what)?;
         String::from_utf8(bytes.to_vec()).map_err(|e| {
-            ModelError::format(
-                self.path,
-                format!("GGUF header at byte {start}: {what} is not valid UTF-8: {e}"),
-            )
+            ModelError::format(self.path, format!("GGUF header at byte {start}: {what} is not valid UTF-8: {e}"))
         })
     }
 
-    fn vec<T, const N: usize>(
-        &mut self,
-        n: usize,
-        what: &str,
-        f: fn([u8; N]) -> T,
-    ) -> Result<Vec<T>> {
+    fn vec<T, const N: usize>(&mut self, n: usize, what: &str, f: fn([u8; N]) -> T) -> Result<Vec<T>> {
         // `n` came from `count(.., N)`, so this stays within the file.
         let bytes = self.take(n * N, what)?;
-        Ok(bytes
-            .chunks_exact(N)
-            .map(|c| f(c.try_into().expect("chunks_exact yields N bytes")))
-            .collect())
+        Ok(bytes.chunks_exact(N).map(|c| f(c.try_into().expect("chunks_exact yields N bytes"))).collect())
     }
 
     fn value(&mut self, ty: u32, what: &str, depth: usize) -> Result<GgufValue> {
@@ -190,12 +174,7 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    fn vec_of<T, const N: usize>(
-        &mut self,
-        len_what: &str,
-        what: &str,
-        f: fn([u8; N]) -> T,
-    ) -> Result<Vec<T>> {
+    fn vec_of<T, const N: usize>(&mut self, len_what: &str, what: &str, f: fn([u8; N]) -> T) -> Result<Vec<T>> {
         let n = self.count(len_what, N)?;
         self.vec(n, what, f)
     }
@@ -214,18 +193,8 @@ pub(crate) fn parse_header(data: &[u8], path: &Path) -> Result<Header> {
     let version = c.u32("version")?;
     match version {
         2 | 3 => {}
-        1 => {
-            return Err(ModelError::Unsupported(format!(
-                "{}: GGUF version 1 (re-convert the model)",
-                path.display()
-            )))
-        }
-        v => {
-            return Err(ModelError::format(
-                path,
-                format!("unknown GGUF version {v}"),
-            ))
-        }
+        1 => return Err(ModelError::Unsupported(format!("{}: GGUF version 1 (re-convert the model)", path.display()))),
+        v => return Err(ModelError::format(path, format!("unknown GGUF version {v}"))),
     }
     // A tensor info is at least name length (8) + n_dims (4) + type (4) +
     // offset (8); a key/value at least key length (8) + type (4) + 1 byte.
@@ -243,9 +212,7 @@ pub(crate) fn parse_header(data: &[u8], path: &Path) -> Result<Header> {
         let name = c.string(&format!("name of tensor #{i}"))?;
         let n_dims = c.u32(&format!("dimension count of tensor '{name}'"))? as usize;
         if n_dims == 0 || n_dims > MAX_DIMS {
-            return Err(c.err(format!(
-                "tensor '{name}' has {n_dims} dimensions (must be 1..={MAX_DIMS})"
-            )));
+            return Err(c.err(format!("tensor '{name}' has {n_dims} dimensions (must be 1..={MAX_DIMS})")));
         }
         let mut dims = Vec::with_capacity(n_dims);
         for d in 0..n_dims {
@@ -253,19 +220,9 @@ pub(crate) fn parse_header(data: &[u8], path: &Path) -> Result<Header> {
         }
         let ggml_type = c.u32(&format!("type of tensor '{name}'"))?;
         let offset = c.u64(&format!("offset of tensor '{name}'"))?;
-        tensors.push(RawTensorInfo {
-            name,
-            dims,
-            ggml_type,
-            offset,
-        });
+        tensors.push(RawTensorInfo { name, dims, ggml_type, offset });
     }
-    Ok(Header {
-        version,
-        metadata,
-        tensors,
-        end: c.pos,
-    })
+    Ok(Header { version, metadata, tensors, end: c.pos })
 }
 
 /// ggml's type table: `(name, weights per block, bytes per block)`. Types

@@ -17,7 +17,8 @@ use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
 /// Llama-3's split regex (HF `tokenizer.json`, llama.cpp `LLAMA3`).
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 /// Qwen2's split regex: like Llama-3's but one digit at a time.
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// ggml token types (`tokenizer.ggml.token_type`).
 const TOKEN_TYPE_CONTROL: i64 = 3;
@@ -39,13 +40,9 @@ pub(crate) struct GgufTokenizerParts {
 /// Returns whether the pipeline needs an NFC normalizer (Qwen2) too.
 fn pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
     let split = |regex: &str| -> Result<PreTokenizerWrapper> {
-        Split::new(
-            SplitPattern::Regex(regex.into()),
-            SplitDelimiterBehavior::Isolated,
-            false,
-        )
-        .map(Into::into)
-        .map_err(|e| ModelError::Config(format!("pre-tokenizer regex for '{pre}': {e}")))
+        Split::new(SplitPattern::Regex(regex.into()), SplitDelimiterBehavior::Isolated, false)
+            .map(Into::into)
+            .map_err(|e| ModelError::Config(format!("pre-tokenizer regex for '{pre}': {e}")))
     };
     Ok(match pre {
         // GPT-2's regex inside ByteLevel.
@@ -53,24 +50,15 @@ fn pre_tokenizer(pre: &str) -> Result<(PreTokenizerWrapper, bool)> {
         // Every digit on its own (llama.cpp: `\p{N}` before the GPT-2
         // regex; SmolLM2's tokenizer.json: `Digits(individual_digits)`).
         "smollm" => {
-            let seq = vec![
-                Digits::new(true).into(),
-                ByteLevel::new(false, true, true).into(),
-            ];
+            let seq = vec![Digits::new(true).into(), ByteLevel::new(false, true, true).into()];
             (Sequence::new(seq).into(), false)
         }
         "llama-bpe" | "llama3" => {
-            let seq = vec![
-                split(LLAMA3_SPLIT)?,
-                ByteLevel::new(false, true, false).into(),
-            ];
+            let seq = vec![split(LLAMA3_SPLIT)?, ByteLevel::new(false, true, false).into()];
             (Sequence::new(seq).into(), false)
         }
         "qwen2" => {
-            let seq = vec![
-                split(QWEN2_SPLIT)?,
-                ByteLevel::new(false, false, false).into(),
-            ];
+            let seq = vec![split(QWEN2_SPLIT)?, ByteLevel::new(false, false, false).into()];
             (Sequence::new(seq).into(), true)
         }
         other => {
@@ -90,9 +78,9 @@ fn split_merge(merge: &str) -> Option<(String, String)> {
 }
 
 pub(crate) fn build(file: &GgufFile) -> Result<GgufTokenizerParts> {
-    let model = file.get_str("tokenizer.ggml.model")?.ok_or_else(|| {
-        file.format_err("metadata 'tokenizer.ggml.model' is missing (no embedded tokenizer)")
-    })?;
+    let model = file
+        .get_str("tokenizer.ggml.model")?
+        .ok_or_else(|| file.format_err("metadata 'tokenizer.ggml.model' is missing (no embedded tokenizer)"))?;
     if model != "gpt2" {
         return Err(ModelError::Unsupported(format!(
             "GGUF tokenizer model '{model}' (only byte-level BPE, 'gpt2', is implemented)"
@@ -101,30 +89,23 @@ pub(crate) fn build(file: &GgufFile) -> Result<GgufTokenizerParts> {
     let tokens = file
         .get_strings("tokenizer.ggml.tokens")?
         .ok_or_else(|| file.format_err("metadata 'tokenizer.ggml.tokens' is missing"))?;
-    let n = u32::try_from(tokens.len())
-        .map_err(|_| file.format_err("tokenizer.ggml.tokens is too long"))?;
+    let n = u32::try_from(tokens.len()).map_err(|_| file.format_err("tokenizer.ggml.tokens is too long"))?;
     let types = match file.get_array("tokenizer.ggml.token_type")? {
         None => vec![1; tokens.len()],
-        Some(a) => a
-            .to_i64s()
-            .filter(|t| t.len() == tokens.len())
-            .ok_or_else(|| {
-                file.format_err(format!(
-                    "tokenizer.ggml.token_type must be {} integers, got {} {}",
-                    tokens.len(),
-                    a.len(),
-                    a.element_type_name()
-                ))
-            })?,
+        Some(a) => a.to_i64s().filter(|t| t.len() == tokens.len()).ok_or_else(|| {
+            file.format_err(format!(
+                "tokenizer.ggml.token_type must be {} integers, got {} {}",
+                tokens.len(),
+                a.len(),
+                a.element_type_name()
+            ))
+        })?,
     };
     let merges = file
         .get_strings("tokenizer.ggml.merges")?
         .ok_or_else(|| file.format_err("metadata 'tokenizer.ggml.merges' is missing"))?
         .iter()
-        .map(|m| {
-            split_merge(m)
-                .ok_or_else(|| file.format_err(format!("tokenizer merge '{m}' is not 'a b'")))
-        })
+        .map(|m| split_merge(m).ok_or_else(|| file.format_err(format!("tokenizer merge '{m}' is not 'a b'"))))
         .collect::<Result<Vec<_>>>()?;
 
     let mut vocab = Vocab::default();
@@ -170,28 +151,19 @@ pub(crate) fn build(file: &GgufFile) -> Result<GgufTokenizerParts> {
 
     let id = |key: &str| -> Result<Option<u32>> {
         match file.get_u32(key)? {
-            Some(id) if id >= n => {
-                Err(file.format_err(format!("{key} = {id} is outside the vocabulary ({n})")))
-            }
+            Some(id) if id >= n => Err(file.format_err(format!("{key} = {id} is outside the vocabulary ({n})"))),
             other => Ok(other),
         }
     };
-    let extra_stop_ids = [
-        id("tokenizer.ggml.eot_token_id")?,
-        id("tokenizer.ggml.eom_token_id")?,
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
+    let extra_stop_ids =
+        [id("tokenizer.ggml.eot_token_id")?, id("tokenizer.ggml.eom_token_id")?].into_iter().flatten().collect();
     Ok(GgufTokenizerParts {
         tokenizer,
         bos_id: id("tokenizer.ggml.bos_token_id")?,
         eos_id: id("tokenizer.ggml.eos_token_id")?,
         extra_stop_ids,
         // llama.cpp adds BOS by default only for Llama-3's vocabulary.
-        add_bos: file
-            .get_bool("tokenizer.ggml.add_bos_token")?
-            .unwrap_or(matches!(pre, "llama-bpe" | "llama3")),
+        add_bos: file.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(matches!(pre, "llama-bpe" | "llama3")),
         chat_template: file.get_str("tokenizer.chat_template")?.map(str::to_string),
     })
 }
@@ -214,9 +186,6 @@ mod tests {
         for pre in ["default", "gpt2", "smollm", "llama-bpe", "qwen2"] {
             pre_tokenizer(pre).unwrap();
         }
-        assert!(matches!(
-            pre_tokenizer("deepseek-llm"),
-            Err(ModelError::Unsupported(_))
-        ));
+        assert!(matches!(pre_tokenizer("deepseek-llm"), Err(ModelError::Unsupported(_))));
     }
 }

@@ -22,27 +22,19 @@ pub struct Case {
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
 }
 
 fn tensor_f32(st: &SafeTensors<'_>, name: &str) -> Vec<f32> {
     let t = st.tensor(name).unwrap_or_else(|e| panic!("{name}: {e}"));
-    t.data()
-        .chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
+    t.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
 }
 
 /// Loads every case of `references/<stem>.json` with its tensors.
 pub fn cases(stem: &str) -> Vec<Case> {
     let dir = fixtures().join("references");
     let json: Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{stem}.json"))).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{stem}.json"))).unwrap()).unwrap();
     let bytes = std::fs::read(dir.join(json["tensors_file"].as_str().unwrap())).unwrap();
     let st = SafeTensors::deserialize(&bytes).unwrap();
     json["cases"]
@@ -71,10 +63,7 @@ pub fn cases(stem: &str) -> Vec<Case> {
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
 }
 
 /// The SmolLM2 GGUF: `TANDEM_SMOLLM2_GGUF`, else the model cache, where
@@ -86,6 +75,8 @@ pub fn smollm2_gguf() -> PathBuf {
     }
     match tandem_model::fetch::cached_path("smollm2") {
         Some(p) => p,
-        None => panic!("SmolLM2 is not in the model cache: run `tandem model fetch smollm2` (or ./scripts/test.sh) first"),
+        None => {
+            panic!("SmolLM2 is not in the model cache: run `tandem model fetch smollm2` (or ./scripts/test.sh) first")
+        }
     }
 }
