@@ -1,27 +1,15 @@
 //! GGUF reader: the real SmolLM2 file, synthetic models through
 //! `Weights::load`, and malformed files (every one an error, never a panic).
 
+mod common;
+
 use half::f16;
-use std::path::PathBuf;
 use tandem_kernels::DType;
 use tandem_model::gguf::{GgufArray, GgufFile, GgufValue};
 use tandem_model::weights::{unpermute_order, Naming, TensorSource, Weights};
 use tandem_model::ModelError;
 
-/// The SmolLM2-135M-Instruct GGUF: `$TANDEM_SMOLLM2_GGUF`, else the model cache.
-fn smollm2_gguf() -> PathBuf {
-    let path = match std::env::var_os("TANDEM_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-            .join(".cache/tandem/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    assert!(
-        path.is_file(),
-        "SmolLM2 GGUF not found at {}: run `tandem model fetch smollm2` (or set TANDEM_SMOLLM2_GGUF)",
-        path.display()
-    );
-    path
-}
+use common::smollm2_gguf;
 
 // ---------------------------------------------------------------------------
 // A minimal GGUF writer for synthetic files.

@@ -1,6 +1,8 @@
 //! Tokenizers (Hugging Face directory and GGUF-embedded) and chat templates,
 //! checked against the reference token ids in `fixtures/references`.
 
+mod common;
+
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use tandem_model::chat::{ChatMessage, ChatTemplate, CHATML_TEMPLATE};
@@ -12,20 +14,7 @@ fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures")
 }
 
-/// The SmolLM2-135M-Instruct GGUF: `$TANDEM_SMOLLM2_GGUF`, else the model cache.
-fn smollm2_gguf() -> PathBuf {
-    let path = match std::env::var_os("TANDEM_SMOLLM2_GGUF") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-            .join(".cache/tandem/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
-    };
-    assert!(
-        path.is_file(),
-        "SmolLM2 GGUF not found at {}: run `tandem model fetch smollm2` (or set TANDEM_SMOLLM2_GGUF)",
-        path.display()
-    );
-    path
-}
+use common::smollm2_gguf;
 
 fn smollm2() -> (GgufFile, Tokenizer) {
     let file = GgufFile::open(smollm2_gguf()).unwrap();
