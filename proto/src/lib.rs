@@ -3,11 +3,15 @@
 //!
 //! - [`block_key`] — prefix-chained block keys (DESIGN.md §2): equal keys
 //!   mean equal token prefixes, and two models never share keys.
-//!
-//! The gRPC services (tonic/prost) join this crate with the kvstore issue;
-//! generated types will stay private to it, mirrored by the strict types
-//! here.
+//! - [`kvstore`] — the store's gRPC control plane (`tandem.kvstore.v1`):
+//!   the `Master` and `StorageNode` services and their messages.
 
 pub mod block_key;
 
 pub use block_key::{block_keys, BlockKey, KeySalt};
+
+/// Generated from `proto/kvstore.proto` (tonic + prost).
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod kvstore {
+    tonic::include_proto!("tandem.kvstore.v1");
+}
