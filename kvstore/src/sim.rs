@@ -1,0 +1,1 @@
+//! Cache simulation over traces.
