@@ -9,8 +9,20 @@
 //! - [`ssd`] — a node's SSD tier: block files plus a rocksdb index.
 //! - [`policy`] — pluggable eviction (LRU and a scan-resistant default).
 //! - [`trace`], [`sim`] — Mooncake traces and cache simulation over them.
+//! - [`master`] — the metadata service (placement, two-phase puts, leases,
+//!   tiering, replication, persistence); [`wire`] validates what arrives.
+//! - [`error`] — errors classified for callers (retry, invalid, miss).
+//! - [`node`] — a storage node process: segments, SSD tier, data server,
+//!   tiering commands, heartbeats.
+//! - [`client`] — the library prefill, decode and the conductor embed.
+//! - [`config`] — the `[kvstore]` section of the cluster file.
 
 pub mod checksum;
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod master;
+pub mod node;
 pub mod policy;
 pub mod segment;
 pub mod sim;
@@ -18,3 +30,4 @@ pub mod ssd;
 pub mod trace;
 pub mod transport;
 pub mod types;
+pub mod wire;

@@ -3,10 +3,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use serde::{Deserialize, Serialize};
 use tandem_proto::BlockKey;
 
 /// Storage tier of one copy of a block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Tier {
     Dram,
     Ssd,
@@ -21,8 +23,32 @@ pub enum Location {
     Ssd { key: BlockKey },
 }
 
-/// One DRAM segment a storage node contributes.
+impl Location {
+    pub fn tier(&self) -> Tier {
+        match self {
+            Location::Dram { .. } => Tier::Dram,
+            Location::Ssd { .. } => Tier::Ssd,
+        }
+    }
+}
+
+/// One copy of a block: which node (and which life of it) and where there.
 #[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Replica {
+    pub node: String,
+    pub incarnation: u64,
+    pub location: Location,
+    pub len: u64,
+}
+
+impl Replica {
+    pub fn tier(&self) -> Tier {
+        self.location.tier()
+    }
+}
+
+/// One DRAM segment a storage node contributes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SegmentDesc {
     pub id: u32,
     pub bytes: u64,
@@ -31,7 +57,7 @@ pub struct SegmentDesc {
 }
 
 /// What a client needs to reach one storage node's data plane.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerInfo {
     pub name: String,
     /// Changes on every start of the node; replicas of an old incarnation are gone.

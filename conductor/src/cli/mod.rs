@@ -2,6 +2,7 @@
 //! over the crate that does the work.
 
 mod generate;
+pub mod kvstore;
 mod model;
 
 use clap::{Parser, Subcommand};
@@ -11,6 +12,7 @@ use clap::{Parser, Subcommand};
 ///
 /// Run a model locally:   tandem generate --model smollm2 --chat --prompt "Hi!"
 /// Fetch a known model:   tandem model fetch smollm2
+/// Run a KV store:        tandem kvstore master --config etc/cluster.toml
 #[derive(Debug, Parser)]
 #[command(name = "tandem", version, about, long_about, propagate_version = true)]
 pub struct Cli {
@@ -30,6 +32,9 @@ pub enum Command {
     /// Fetch, list and inspect models.
     #[command(subcommand)]
     Model(model::ModelCommand),
+    /// Run and inspect the KV block store (master, storage nodes, keys).
+    #[command(subcommand)]
+    Kvstore(kvstore::KvstoreCommand),
 }
 
 /// Runs the parsed command.
@@ -38,6 +43,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Model(cmd) => model::run(cmd),
+        Command::Kvstore(cmd) => kvstore::run(cmd),
     }
 }
 

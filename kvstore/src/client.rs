@@ -1,0 +1,433 @@
+//! The store client, embedded in prefill, decode and the conductor: batched
+//! `put`, zero-copy `get_into`, `exists`, `longest_prefix`.
+//!
+//! Control calls go to the master over gRPC; bytes move through one
+//! [`Transport`] per storage node, chosen by locality ([`connect`]). Every
+//! block read is checked against the checksum its writer published: a
+//! mismatch is a miss (the replica is reported to the master and another
+//! one tried), never bad bytes handed to the caller.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tandem_proto::kvstore as pb;
+use tandem_proto::kvstore::master_client::MasterClient;
+use tandem_proto::BlockKey;
+use tonic::transport::Channel;
+
+use crate::checksum::BlockChecksum;
+use crate::error::StoreError;
+use crate::transport::{connect, local_host_id, ReadOp, TransferError, Transport, TransportConfig, WriteOp};
+use crate::types::{PeerInfo, Replica};
+use crate::wire;
+
+/// Client settings (`[kvstore.client]`-style tables in the cluster file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClientConfig {
+    /// The master's gRPC address (host:port).
+    pub master: String,
+    /// Copies per block (0 = the master's default).
+    pub replicas: u32,
+    /// Read lease asked for (0 = the master's default).
+    pub lease_ms: u64,
+    /// Deadline of each control call.
+    pub rpc_timeout_ms: u64,
+    /// Preferred node for the first copy of a put (e.g. a colocated node).
+    pub prefer_node: Option<String>,
+    pub transport: TransportConfig,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            master: "127.0.0.1:7100".into(),
+            replicas: 0,
+            lease_ms: 0,
+            rpc_timeout_ms: 10_000,
+            prefer_node: None,
+            transport: TransportConfig::default(),
+        }
+    }
+}
+
+/// What happened to each block of a `put`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PutOutcome {
+    /// Written and published.
+    Stored,
+    /// Already in the store (nothing written).
+    Existed,
+    /// Another writer is storing it right now.
+    InProgress,
+    /// Not stored: no room, too large, or a transfer failed.
+    Failed(String),
+}
+
+/// Counters a client keeps (exported as metrics by its process).
+#[derive(Debug, Default)]
+pub struct ClientMetrics {
+    pub puts: AtomicU64,
+    pub put_bytes: AtomicU64,
+    pub gets: AtomicU64,
+    pub hits: AtomicU64,
+    pub misses: AtomicU64,
+    pub get_bytes: AtomicU64,
+    /// Replicas whose bytes failed their checksum.
+    pub checksum_mismatches: AtomicU64,
+    /// Replica reads that failed in transfer (retried elsewhere or missed).
+    pub read_failures: AtomicU64,
+}
+
+/// A connection to the store.
+#[derive(Debug)]
+pub struct StoreClient {
+    cfg: ClientConfig,
+    master: MasterClient<Channel>,
+    host_id: String,
+    peers: Mutex<HashMap<String, Peer>>,
+    metrics: ClientMetrics,
+}
+
+#[derive(Debug, Clone)]
+struct Peer {
+    info: PeerInfo,
+    transport: Arc<dyn Transport>,
+}
+
+/// The master's gRPC client for `addr` (host:port), connected lazily.
+pub fn master_client(addr: &str, timeout: Duration) -> Result<MasterClient<Channel>, StoreError> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|e| StoreError::Config(format!("master address {addr:?}: {e}")))?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(timeout);
+    Ok(MasterClient::new(endpoint.connect_lazy()))
+}
+
+impl StoreClient {
+    /// A client of the master at `cfg.master`. Connects lazily: a master
+    /// that is down shows up as `MasterUnavailable` on the first call.
+    pub fn new(cfg: ClientConfig) -> Result<StoreClient, StoreError> {
+        let master = master_client(&cfg.master, Duration::from_millis(cfg.rpc_timeout_ms))?;
+        Ok(StoreClient {
+            cfg,
+            master,
+            host_id: local_host_id(),
+            peers: Mutex::new(HashMap::new()),
+            metrics: Default::default(),
+        })
+    }
+
+    pub fn metrics(&self) -> &ClientMetrics {
+        &self.metrics
+    }
+
+    /// The master's gRPC client, for admin calls (stats, listings).
+    pub fn master(&self) -> MasterClient<Channel> {
+        self.master.clone()
+    }
+
+    /// Transport to `node`, refreshing the node directory when the node or
+    /// its incarnation is unknown.
+    async fn peer(&self, node: &str, incarnation: u64) -> Result<Peer, TransferError> {
+        if let Some(p) = self.cached_peer(node, incarnation) {
+            return Ok(p);
+        }
+        let nodes = self
+            .master
+            .clone()
+            .list_nodes(pb::ListNodesRequest {})
+            .await
+            .map_err(|e| TransferError::Unreachable(format!("node directory: {e}")))?
+            .into_inner()
+            .nodes;
+        for ep in nodes {
+            let Ok((info, _)) = wire::peer_from_pb(ep) else { continue };
+            if info.name == node && info.incarnation == incarnation {
+                let transport = connect(&info, &self.host_id, &self.cfg.transport)?;
+                let peer = Peer { info, transport };
+                if let Ok(mut peers) = self.peers.lock() {
+                    peers.insert(node.to_owned(), peer.clone());
+                }
+                return Ok(peer);
+            }
+        }
+        Err(TransferError::Unreachable(format!("storage node {node} (incarnation {incarnation}) is not live")))
+    }
+
+    fn cached_peer(&self, node: &str, incarnation: u64) -> Option<Peer> {
+        let peers = self.peers.lock().ok()?;
+        peers.get(node).filter(|p| p.info.incarnation == incarnation).cloned()
+    }
+
+    /// Stores each `(key, bytes)`; blocks already present are not rewritten.
+    /// One outcome per item, in order. Errors only when the master is
+    /// unreachable or rejects the whole batch.
+    pub async fn put(&self, items: &[(BlockKey, &[u8])]) -> Result<Vec<PutOutcome>, StoreError> {
+        let req = pb::PutStartRequest {
+            items: items.iter().map(|(k, b)| pb::PutItem { key: k.0, len: b.len() as u64 }).collect(),
+            replicas: self.cfg.replicas,
+            prefer_node: self.cfg.prefer_node.clone().unwrap_or_default(),
+        };
+        let reply = self.master.clone().put_start(req).await?.into_inner();
+        if reply.slots.len() != items.len() {
+            return Err(StoreError::MasterUnavailable("put_start answered the wrong number of slots".into()));
+        }
+        let mut outcomes = Vec::with_capacity(items.len());
+        // Writes grouped per (node, incarnation): (item index, replica).
+        let mut per_node: HashMap<(String, u64), Vec<(usize, Replica)>> = HashMap::new();
+        for (i, slot) in reply.slots.iter().enumerate() {
+            let status = pb::PutStatus::try_from(slot.status).unwrap_or(pb::PutStatus::Unspecified);
+            outcomes.push(match status {
+                pb::PutStatus::Reserved => {
+                    for p in &slot.placements {
+                        match wire::replica_from_pb(items[i].0, p.clone()) {
+                            Ok(r) if r.len == items[i].1.len() as u64 => {
+                                per_node.entry((r.node.clone(), r.incarnation)).or_default().push((i, r))
+                            }
+                            _ => {
+                                return Err(StoreError::MasterUnavailable(
+                                    "put_start gave a malformed placement".into(),
+                                ))
+                            }
+                        }
+                    }
+                    PutOutcome::Stored
+                }
+                pb::PutStatus::Exists => PutOutcome::Existed,
+                pb::PutStatus::InProgress => PutOutcome::InProgress,
+                pb::PutStatus::NoSpace => PutOutcome::Failed("no space in the store".into()),
+                pb::PutStatus::TooLarge => PutOutcome::Failed("block larger than the store accepts".into()),
+                pb::PutStatus::Unspecified => PutOutcome::Failed("unknown put status".into()),
+            });
+        }
+        let writes = per_node.into_iter().map(|((node, incarnation), group)| async move {
+            let peer = match self.peer(&node, incarnation).await {
+                Ok(p) => p,
+                Err(e) => return group.into_iter().map(|(i, _)| (i, Err(e.clone()))).collect::<Vec<_>>(),
+            };
+            let ops: Vec<WriteOp<'_>> =
+                group.iter().map(|(i, r)| WriteOp { dst: r.location, src: items[*i].1 }).collect();
+            let results = peer.transport.write(&ops).await;
+            group.iter().map(|(i, _)| *i).zip(results).collect()
+        });
+        for (i, result) in futures::future::join_all(writes).await.into_iter().flatten() {
+            if let Err(e) = result {
+                outcomes[i] = PutOutcome::Failed(format!("write failed: {e}"));
+            }
+        }
+        let done: Vec<pb::PutDone> = outcomes
+            .iter()
+            .enumerate()
+            .filter(|(_, o)| **o == PutOutcome::Stored)
+            .map(|(i, _)| pb::PutDone { key: items[i].0 .0, checksum: BlockChecksum::of(items[i].1).0 })
+            .collect();
+        let any_failed = done.len() < reply.slots.iter().filter(|s| s.status == pb::PutStatus::Reserved as i32).count();
+        if !done.is_empty() {
+            let written: u64 =
+                done.iter().filter_map(|d| items.iter().find(|(k, _)| k.0 == d.key)).map(|(_, b)| b.len() as u64).sum();
+            self.master.clone().put_end(pb::PutEndRequest { put_id: reply.put_id, items: done.clone() }).await?;
+            self.metrics.puts.fetch_add(done.len() as u64, Ordering::Relaxed);
+            self.metrics.put_bytes.fetch_add(written, Ordering::Relaxed);
+        }
+        if any_failed {
+            // Give back what was reserved but not written (else it times out).
+            self.master.clone().put_revoke(pb::PutRevokeRequest { put_id: reply.put_id }).await?;
+        }
+        Ok(outcomes)
+    }
+
+    /// Reads each key into the start of its buffer (zero-copy where the
+    /// transport allows). `Some(len)` = hit, the first `len` bytes are the
+    /// block, checksum-verified; `None` = miss (absent, unreadable, corrupt,
+    /// or larger than its buffer).
+    pub async fn get_into(&self, keys: &[BlockKey], bufs: &mut [&mut [u8]]) -> Result<Vec<Option<usize>>, StoreError> {
+        if keys.len() != bufs.len() {
+            return Err(StoreError::Invalid(format!("{} keys but {} buffers", keys.len(), bufs.len())));
+        }
+        let reply = self
+            .master
+            .clone()
+            .get_replicas(pb::GetReplicasRequest {
+                keys: keys.iter().map(|k| k.0).collect(),
+                lease_ms: self.cfg.lease_ms,
+            })
+            .await?
+            .into_inner();
+        if reply.entries.len() != keys.len() {
+            return Err(StoreError::MasterUnavailable("get_replicas answered the wrong number of entries".into()));
+        }
+        self.metrics.gets.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        // Per key: (len, checksum, replicas still to try).
+        let mut wanted: Vec<Option<(usize, u64, Vec<Replica>)>> = Vec::with_capacity(keys.len());
+        for (i, e) in reply.entries.into_iter().enumerate() {
+            let fits = e.found && (e.len as usize) <= bufs[i].len();
+            let replicas: Vec<Replica> = e
+                .replicas
+                .into_iter()
+                .filter_map(|r| wire::replica_from_pb(keys[i], r).ok())
+                .filter(|r| r.len == e.len)
+                .collect();
+            wanted.push((fits && !replicas.is_empty()).then_some((e.len as usize, e.checksum, replicas)));
+        }
+        let mut found: Vec<Option<usize>> = vec![None; keys.len()];
+        // Each round reads every unresolved key from its next replica.
+        for _round in 0..4 {
+            let mut per_node: HashMap<(String, u64), Vec<(usize, Replica)>> = HashMap::new();
+            for (i, w) in wanted.iter_mut().enumerate() {
+                if found[i].is_some() {
+                    continue;
+                }
+                if let Some((_, _, replicas)) = w {
+                    if !replicas.is_empty() {
+                        let r = self.pick_replica(replicas);
+                        per_node.entry((r.node.clone(), r.incarnation)).or_default().push((i, r));
+                    }
+                }
+            }
+            if per_node.is_empty() {
+                break;
+            }
+            // Hand each group its own buffers (disjoint &mut borrows).
+            let mut slots: Vec<Option<&mut [u8]>> = bufs.iter_mut().map(|b| Some(&mut **b)).collect();
+            let mut groups = Vec::with_capacity(per_node.len());
+            for ((node, incarnation), group) in per_node {
+                let mut dsts = Vec::with_capacity(group.len());
+                for (i, r) in group {
+                    let len = wanted[i].as_ref().map_or(0, |w| w.0);
+                    if let Some(buf) = slots[i].take() {
+                        dsts.push((i, r, &mut buf[..len]));
+                    }
+                }
+                groups.push((node, incarnation, dsts));
+            }
+            let reads = groups.into_iter().map(|(node, incarnation, dsts)| async move {
+                let peer = self.peer(&node, incarnation).await;
+                let mut ops: Vec<ReadOp<'_>> = Vec::with_capacity(dsts.len());
+                let mut meta = Vec::with_capacity(dsts.len());
+                for (i, r, dst) in dsts {
+                    ops.push(ReadOp { src: r.location, dst });
+                    meta.push((i, r));
+                }
+                let results = match &peer {
+                    Ok(p) => p.transport.read(&mut ops).await,
+                    Err(e) => vec![Err(e.clone()); ops.len()],
+                };
+                let verdicts: Vec<(usize, Replica, Result<u64, TransferError>)> = meta
+                    .into_iter()
+                    .zip(ops)
+                    .zip(results)
+                    .map(|(((i, r), op), res)| (i, r, res.map(|()| BlockChecksum::of(op.dst).0)))
+                    .collect();
+                verdicts
+            });
+            for (i, replica, verdict) in futures::future::join_all(reads).await.into_iter().flatten() {
+                let Some((len, checksum, _)) = &wanted[i] else { continue };
+                match verdict {
+                    Ok(sum) if sum == *checksum => {
+                        found[i] = Some(*len);
+                        self.metrics.get_bytes.fetch_add(*len as u64, Ordering::Relaxed);
+                    }
+                    Ok(_) => {
+                        self.metrics.checksum_mismatches.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(key = format_args!("{:016x}", keys[i].0), node = %replica.node, "checksum mismatch; trying another replica");
+                        self.report_bad(keys[i], &replica, "checksum mismatch").await;
+                    }
+                    Err(e) => {
+                        self.metrics.read_failures.fetch_add(1, Ordering::Relaxed);
+                        if matches!(e, TransferError::NotFound) {
+                            self.report_bad(keys[i], &replica, "not found on node").await;
+                        }
+                        tracing::debug!(key = format_args!("{:016x}", keys[i].0), node = %replica.node, "replica read failed: {e}");
+                    }
+                }
+            }
+        }
+        if reply.lease_id != 0 {
+            // Best effort: an unreleased lease expires on its own.
+            let _ = self.master.clone().release_lease(pb::ReleaseLeaseRequest { lease_id: reply.lease_id }).await;
+        }
+        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
+        self.metrics.hits.fetch_add(hits, Ordering::Relaxed);
+        self.metrics.misses.fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
+        Ok(found)
+    }
+
+    /// Takes the best remaining replica: DRAM before SSD, same host first.
+    fn pick_replica(&self, replicas: &mut Vec<Replica>) -> Replica {
+        let local = |r: &Replica| {
+            self.peers.lock().ok().and_then(|p| p.get(&r.node).map(|p| p.info.host_id == self.host_id)).unwrap_or(false)
+        };
+        let best = (0..replicas.len()).min_by_key(|&i| (replicas[i].tier(), !local(&replicas[i]))).unwrap_or(0);
+        replicas.swap_remove(best)
+    }
+
+    async fn report_bad(&self, key: BlockKey, replica: &Replica, reason: &str) {
+        let req = pb::ReportBadReplicaRequest {
+            key: key.0,
+            replica: Some(wire::replica_to_pb(replica)),
+            reason: reason.into(),
+        };
+        if let Err(e) = self.master.clone().report_bad_replica(req).await {
+            tracing::warn!("could not report a bad replica: {e}");
+        }
+    }
+
+    /// Convenience: reads blocks into fresh buffers (`None` = miss).
+    pub async fn get(&self, keys: &[BlockKey], max_len: usize) -> Result<Vec<Option<Vec<u8>>>, StoreError> {
+        let mut bufs: Vec<Vec<u8>> = keys.iter().map(|_| vec![0u8; max_len]).collect();
+        let mut views: Vec<&mut [u8]> = bufs.iter_mut().map(|b| b.as_mut_slice()).collect();
+        let found = self.get_into(keys, &mut views).await?;
+        Ok(bufs
+            .into_iter()
+            .zip(found)
+            .map(|(mut b, f)| {
+                f.map(|len| {
+                    b.truncate(len);
+                    b
+                })
+            })
+            .collect())
+    }
+
+    /// Whether each key is stored.
+    pub async fn exists(&self, keys: &[BlockKey]) -> Result<Vec<bool>, StoreError> {
+        Ok(self.lookup(keys).await?.0)
+    }
+
+    /// How many leading keys are stored: for prefix-chained block keys, the
+    /// number of cached prefix blocks.
+    pub async fn longest_prefix(&self, keys: &[BlockKey]) -> Result<usize, StoreError> {
+        Ok(self.lookup(keys).await?.1)
+    }
+
+    async fn lookup(&self, keys: &[BlockKey]) -> Result<(Vec<bool>, usize), StoreError> {
+        let reply = self
+            .master
+            .clone()
+            .lookup(pb::LookupRequest { keys: keys.iter().map(|k| k.0).collect() })
+            .await?
+            .into_inner();
+        if reply.exists.len() != keys.len() {
+            return Err(StoreError::MasterUnavailable("lookup answered the wrong number of entries".into()));
+        }
+        Ok((reply.exists, reply.longest_prefix as usize))
+    }
+
+    pub async fn remove(&self, keys: &[BlockKey]) -> Result<u32, StoreError> {
+        let req = pb::RemoveRequest { keys: keys.iter().map(|k| k.0).collect() };
+        Ok(self.master.clone().remove(req).await?.into_inner().removed)
+    }
+
+    pub async fn pin(&self, keys: &[BlockKey], pinned: bool) -> Result<u32, StoreError> {
+        let req = pb::PinRequest { keys: keys.iter().map(|k| k.0).collect(), pinned };
+        Ok(self.master.clone().pin(req).await?.into_inner().changed)
+    }
+
+    pub async fn stats(&self) -> Result<pb::StatsReply, StoreError> {
+        Ok(self.master.clone().stats(pb::StatsRequest {}).await?.into_inner())
+    }
+}
