@@ -238,6 +238,28 @@ fn round_trips_bad_input_and_leases_on_a_three_process_cluster() {
         assert_eq!(client.get_into(&[BlockKey(2_000_000)], &mut [&mut small[..]]).await.unwrap(), vec![None]);
         cluster.assert_clean();
 
+        // Garbage on a node's data port: the node drops that connection and keeps serving.
+        let nodes = client.master().list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+        for n in &nodes {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut junk = tokio::net::TcpStream::connect(&n.data_addr).await.unwrap();
+            let garbage: Vec<u8> = block(0xbad, 256 * 1024);
+            let _ = junk.write_all(&garbage).await;
+            let mut buf = [0u8; 64];
+            let _ = tokio::time::timeout(Duration::from_secs(5), junk.read(&mut buf)).await;
+        }
+        let tcp_client = StoreClient::new(ClientConfig {
+            master: cluster.master_addr.clone(),
+            transport: tandem_kvstore::transport::TransportConfig {
+                prefer: tandem_kvstore::transport::TransportPreference::Tcp,
+                ..Default::default()
+            },
+            ..ClientConfig::default()
+        })
+        .unwrap();
+        let ks = keys(256 * 1024 * 1000..256 * 1024 * 1000 + 2);
+        assert_eq!(check_blocks(&tcp_client, &ks, 256 * 1024).await, 2, "nodes still serve over tcp");
+
         // Leases hold off eviction: lease one block, then overfill the store.
         let mut master = client.master();
         let leased = master
@@ -418,4 +440,20 @@ fn admin_cli_reports_usage_nodes_and_keys() {
         Command::new(env!("CARGO_BIN_EXE_tandem")).args(["kvstore", "master", "--config"]).arg(&bad).output().unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("listen_adr"));
+}
+
+#[test]
+fn example_cluster_files_parse_and_validate() {
+    let etc = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../etc");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&etc).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let cfg = tandem_conductor::cli::kvstore::load_config(&path)
+                .unwrap_or_else(|e| panic!("{} does not load: {e:#}", path.display()));
+            assert!(!cfg.storage.is_empty(), "{} names no storage node", path.display());
+            seen += 1;
+        }
+    }
+    assert!(seen >= 1, "no example configs in etc/");
 }

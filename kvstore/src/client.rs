@@ -20,7 +20,9 @@ use tonic::transport::Channel;
 
 use crate::checksum::BlockChecksum;
 use crate::error::StoreError;
-use crate::transport::{connect, local_host_id, ReadOp, TransferError, Transport, TransportConfig, WriteOp};
+use crate::transport::{
+    connect, local_host_id, Faults, FaultyTransport, ReadOp, TransferError, Transport, TransportConfig, WriteOp,
+};
 use crate::types::{PeerInfo, Replica};
 use crate::wire;
 
@@ -90,6 +92,8 @@ pub struct StoreClient {
     host_id: String,
     peers: Mutex<HashMap<String, Peer>>,
     metrics: ClientMetrics,
+    /// When set, every transport is wrapped in a [`FaultyTransport`] (tests).
+    faults: Option<Faults>,
 }
 
 #[derive(Debug, Clone)]
@@ -118,7 +122,15 @@ impl StoreClient {
             host_id: local_host_id(),
             peers: Mutex::new(HashMap::new()),
             metrics: Default::default(),
+            faults: None,
         })
+    }
+
+    /// Routes every transfer through a [`FaultyTransport`] driven by
+    /// `faults` (drop, delay, corrupt, partition), for fault tests.
+    pub fn with_faults(mut self, faults: Faults) -> StoreClient {
+        self.faults = Some(faults);
+        self
     }
 
     pub fn metrics(&self) -> &ClientMetrics {
@@ -147,7 +159,10 @@ impl StoreClient {
         for ep in nodes {
             let Ok((info, _)) = wire::peer_from_pb(ep) else { continue };
             if info.name == node && info.incarnation == incarnation {
-                let transport = connect(&info, &self.host_id, &self.cfg.transport)?;
+                let mut transport = connect(&info, &self.host_id, &self.cfg.transport)?;
+                if let Some(faults) = &self.faults {
+                    transport = Arc::new(FaultyTransport::new(transport, faults.clone()));
+                }
                 let peer = Peer { info, transport };
                 if let Ok(mut peers) = self.peers.lock() {
                     peers.insert(node.to_owned(), peer.clone());

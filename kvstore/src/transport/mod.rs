@@ -191,6 +191,17 @@ fn rdma_unavailable_reason() -> String {
     "rdma transport not compiled in: rebuild tandem-kvstore with `--features rdma`".to_owned()
 }
 
+/// Runs blocking work (copies, `pread`, RDMA completion polling) without
+/// stalling the runtime: in place on a multi-threaded runtime's worker,
+/// which first hands its other tasks off; inline elsewhere (a
+/// current-thread runtime cannot do that).
+pub(crate) fn run_blocking<R>(f: impl FnOnce() -> R) -> R {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// A stable identity of this host as seen by the shm transport: two
 /// processes with the same id can map each other's segment files.
 ///

@@ -441,7 +441,8 @@ impl Connection {
             return self.reply_error(h.request_id, Status::Corrupt, msg).await.map(|()| Next::Continue);
         }
         let target = self.shared.target.clone();
-        match super::rdma::server_accept(&target, &request) {
+        // Registering segments pins their pages: it may take a while.
+        match super::run_blocking(|| super::rdma::server_accept(&target, &request)) {
             Ok((reply, session)) => {
                 let mut rh = FrameHeader::new(Opcode::RdmaAccept, h.request_id);
                 rh.payload_len = reply.len() as u64;

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use parking_lot::RwLock;
 use tandem_proto::BlockKey;
 
-use super::{BoxFuture, ReadOp, ShmConfig, TransferError, Transport, TransportKind, WriteOp};
+use super::{run_blocking, BoxFuture, ReadOp, ShmConfig, TransferError, Transport, TransportKind, WriteOp};
 use crate::segment::Segment;
 use crate::ssd::block_file_name;
 use crate::types::{Location, PeerInfo};
@@ -221,27 +221,17 @@ fn split_copies(copies: Vec<Copy<'_>>, parts: usize, total: usize) -> Vec<Vec<Co
     shares
 }
 
-/// Runs blocking work (copies, `pread`) without stalling the runtime: in
-/// place on a multi-threaded runtime's worker, which hands its other tasks
-/// off first; inline elsewhere (a current-thread runtime cannot do that).
-fn blocking<R>(f: impl FnOnce() -> R) -> R {
-    match tokio::runtime::Handle::try_current() {
-        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => tokio::task::block_in_place(f),
-        _ => f(),
-    }
-}
-
 impl Transport for ShmTransport {
     fn kind(&self) -> TransportKind {
         TransportKind::Shm
     }
 
     fn read<'a>(&'a self, ops: &'a mut [ReadOp<'_>]) -> BoxFuture<'a, Vec<Result<(), TransferError>>> {
-        Box::pin(async move { blocking(|| self.read_sync(ops)) })
+        Box::pin(async move { run_blocking(|| self.read_sync(ops)) })
     }
 
     fn write<'a>(&'a self, ops: &'a [WriteOp<'_>]) -> BoxFuture<'a, Vec<Result<(), TransferError>>> {
-        Box::pin(async move { blocking(|| self.write_sync(ops)) })
+        Box::pin(async move { run_blocking(|| self.write_sync(ops)) })
     }
 }
 
@@ -252,8 +242,8 @@ mod tests {
     #[test]
     fn copies_split_into_equal_shares_across_op_boundaries() {
         let src: Vec<u8> = (0..100u8).collect();
-        let mut a = vec![0u8; 30];
-        let mut b = vec![0u8; 70];
+        let mut a = [0u8; 30];
+        let mut b = [0u8; 70];
         let copies: Vec<Copy<'_>> = vec![(&src[..30], &mut a[..]), (&src[30..], &mut b[..])];
         let shares = split_copies(copies, 4, 100);
         assert_eq!(shares.len(), 4);

@@ -1,0 +1,197 @@
+//! `tandem bench kvstore`: the KV store against physical baselines and
+//! Redis, every number a ratio to a baseline measured in the same run
+//! (medians of repetitions).
+//!
+//! - [`shm`] — stage 1: shm transport vs `memcpy` of the same bytes.
+//! - [`tcp`] — stage 2: tcp transport vs a raw tcp blast on loopback.
+//! - [`versus`] — stage 3: the store (in this process) vs `redis-server`,
+//!   one key per call at the same concurrency; [`workers`] are the client
+//!   tasks, [`breakdown`] times each phase of one call, [`cluster`] starts
+//!   the in-process store and [`redis`] the Redis server and client.
+//! - [`eviction`] — stage 4: policies replaying the Mooncake trace vs the
+//!   README's LRU numbers, the infinite cache and Belady.
+//! - [`report`] — the ratio table and the JSON result file.
+//! - [`sys`] — shared memory location, CPU time, load, small helpers.
+
+pub mod breakdown;
+pub mod cluster;
+pub mod eviction;
+pub mod redis;
+pub mod report;
+pub mod shm;
+pub mod sys;
+pub mod tcp;
+pub mod versus;
+pub mod workers;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
+use bytesize::ByteSize;
+
+pub use report::Report;
+
+/// The stages of the bench.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Stage {
+    /// shm transport vs memcpy.
+    Shm,
+    /// tcp transport vs raw tcp.
+    Tcp,
+    /// store vs Redis (and where the store's time goes).
+    Redis,
+    /// eviction policies on the Mooncake trace.
+    Eviction,
+}
+
+impl Stage {
+    pub const ALL: [Stage; 4] = [Stage::Shm, Stage::Tcp, Stage::Redis, Stage::Eviction];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Stage::Shm => "shm",
+            Stage::Tcp => "tcp",
+            Stage::Redis => "redis",
+            Stage::Eviction => "eviction",
+        }
+    }
+}
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct KvBenchConfig {
+    /// Fewer and smaller repetitions: well under a minute, noisier.
+    pub quick: bool,
+    /// Stages to run; empty = all.
+    pub stages: Vec<Stage>,
+    /// The Mooncake trace of stage 4.
+    pub trace: PathBuf,
+    /// Where segment files go; `None` = `/dev/shm`, or a temporary
+    /// directory when that is not usable.
+    pub shm_dir: Option<PathBuf>,
+    /// Concurrent clients of stage 3.
+    pub clients: usize,
+    /// Timed repetitions of every stage (`None` = 7/5/5 full, 3 quick).
+    pub reps: Option<usize>,
+}
+
+impl Default for KvBenchConfig {
+    fn default() -> Self {
+        KvBenchConfig {
+            quick: false,
+            stages: Vec::new(),
+            trace: default_trace(),
+            shm_dir: None,
+            clients: 8,
+            reps: None,
+        }
+    }
+}
+
+/// `fixtures/traces/synthetic_trace.jsonl` of this source tree.
+pub fn default_trace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../fixtures/traces/synthetic_trace.jsonl")
+}
+
+/// The settings of every stage for `cfg`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Settings {
+    pub shm: shm::ShmSettings,
+    pub tcp: tcp::TcpSettings,
+    pub versus: versus::VersusSettings,
+}
+
+impl Settings {
+    pub fn for_config(cfg: &KvBenchConfig) -> Settings {
+        let reps = |full: usize, quick: usize| cfg.reps.unwrap_or(if cfg.quick { quick } else { full }).max(1);
+        let q = cfg.quick;
+        Settings {
+            shm: shm::ShmSettings {
+                region_bytes: if q { 64 << 20 } else { 256 << 20 },
+                batch_bytes: 16 << 20,
+                block_sizes: vec![64 << 10, 256 << 10, 1 << 20, 4 << 20],
+                reps: reps(7, 3),
+            },
+            tcp: tcp::TcpSettings {
+                batch_bytes: 64 << 20,
+                batches_per_rep: if q { 1 } else { 4 },
+                block_sizes: vec![1 << 20, 4 << 20],
+                stripes: vec![1, 2, 4],
+                reps: reps(5, 3),
+            },
+            versus: versus::VersusSettings {
+                value_sizes: vec![256 << 10, 2 << 20],
+                clients: cfg.clients.max(1),
+                rep_bytes: if q { 64 << 20 } else { 384 << 20 },
+                get_set_bytes: if q { 32 << 20 } else { 128 << 20 },
+                reps: reps(5, 3),
+                dram: if q { ByteSize::mib(512) } else { ByteSize::gib(1) },
+                breakdown_ops: if q { 30 } else { 200 },
+                redis_benchmark: !q,
+                redis_benchmark_bytes: 512 << 20,
+            },
+        }
+    }
+}
+
+/// What ran, for the report.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    pub shm: Option<Vec<shm::ShmPoint>>,
+    pub tcp: Option<tcp::TcpResult>,
+    pub versus: Option<versus::VersusResult>,
+    pub eviction: Option<eviction::EvictionResult>,
+    /// Stage name → why it failed.
+    pub errors: Vec<(&'static str, String)>,
+    pub notes: Vec<String>,
+    pub shm_dir: PathBuf,
+    pub load_before: Option<[f64; 3]>,
+    pub load_after: Option<[f64; 3]>,
+    pub secs: f64,
+}
+
+/// Runs the selected stages on a tokio runtime of its own. A stage that
+/// fails is recorded in the report and the others still run; only a bench
+/// that cannot start at all is an error.
+pub fn run(cfg: &KvBenchConfig) -> anyhow::Result<Report> {
+    let settings = Settings::for_config(cfg);
+    let stages: Vec<Stage> = if cfg.stages.is_empty() { Stage::ALL.to_vec() } else { cfg.stages.clone() };
+    let shm_dir = sys::ShmDir::pick(cfg.shm_dir.as_deref())?;
+    let work = tempfile::tempdir().context("creating a working directory")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?;
+    let mut out = Outcome { shm_dir: shm_dir.path.clone(), load_before: sys::load_average(), ..Outcome::default() };
+    if let Some(note) = &shm_dir.note {
+        eprintln!("[kvstore bench] note: {note}");
+        out.notes.push(note.clone());
+    }
+    let start = Instant::now();
+    for (i, stage) in stages.iter().enumerate() {
+        eprintln!("[kvstore bench] stage {}/{}: {}", i + 1, stages.len(), describe(*stage));
+        let result = match stage {
+            Stage::Shm => runtime.block_on(shm::run(&settings.shm, &shm_dir.path)).map(|r| out.shm = Some(r)),
+            Stage::Tcp => runtime.block_on(tcp::run(&settings.tcp, &shm_dir.path)).map(|r| out.tcp = Some(r)),
+            Stage::Redis => runtime
+                .block_on(versus::run(&settings.versus, &shm_dir.path, work.path()))
+                .map(|r| out.versus = Some(r)),
+            Stage::Eviction => eviction::run(&cfg.trace).map(|r| out.eviction = Some(r)),
+        };
+        if let Err(e) = result {
+            eprintln!("[kvstore bench] stage {} failed: {e:#}", stage.name());
+            out.errors.push((stage.name(), format!("{e:#}")));
+        }
+    }
+    out.secs = start.elapsed().as_secs_f64();
+    out.load_after = sys::load_average();
+    drop(runtime);
+    Ok(Report::build(cfg, &settings, out))
+}
+
+fn describe(stage: Stage) -> &'static str {
+    match stage {
+        Stage::Shm => "shm transport vs memcpy",
+        Stage::Tcp => "tcp transport vs raw tcp on loopback",
+        Stage::Redis => "store vs redis (one key per call)",
+        Stage::Eviction => "eviction policies on the Mooncake trace",
+    }
+}
