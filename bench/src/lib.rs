@@ -3,10 +3,13 @@
 //! - [`baseline`] — physical limits measured in the same run (memory read
 //!   bandwidth), so results are reported as ratios, not absolute times.
 //! - [`stats`] — medians and result files under `bench/results/`.
+//! - [`kvstore`] — the KV store against memcpy, raw tcp and Redis, and its
+//!   eviction policies on the Mooncake trace (`tandem bench kvstore`).
 //!
 //! Binaries: `bench-attention` (paged decode attention vs memory
 //! bandwidth, paged vs contiguous). The engine benchmark against llama.cpp
 //! is `bench/run_engine_bench.sh`.
 
 pub mod baseline;
+pub mod kvstore;
 pub mod stats;

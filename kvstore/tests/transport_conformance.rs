@@ -429,7 +429,12 @@ async fn shm_refuses_overlapping_writes_within_a_batch() {
     let t = ShmTransport::new(&f.peer, ShmConfig::default());
     let results = write_all(
         &t,
-        &[(dram(0, 0), vec![1; 100]), (dram(0, 50), vec![2; 100]), (dram(1, 50), vec![3; 10]), (dram(0, 100), vec![4; 8])],
+        &[
+            (dram(0, 0), vec![1; 100]),
+            (dram(0, 50), vec![2; 100]),
+            (dram(1, 50), vec![3; 10]),
+            (dram(0, 100), vec![4; 8]),
+        ],
     )
     .await;
     assert!(results[0].is_ok() && results[2].is_ok() && results[3].is_ok(), "{results:?}");
@@ -869,13 +874,20 @@ async fn tcp_peer_killed_mid_batch_fails_unfinished_ops_without_hanging() {
         assert_all_ok(&write_all(&*t, &blocks).await);
         // 64 reads; op 20 stalls in the peer until it is killed.
         let locs: Vec<(Location, usize)> = (0..64u64)
-            .map(|i| if i == 20 { (Location::Ssd { key: BlockKey(0xdead) }, 4096) } else { (dram(0, (i % 8) * MIB as u64), MIB) })
+            .map(|i| {
+                if i == 20 {
+                    (Location::Ssd { key: BlockKey(0xdead) }, 4096)
+                } else {
+                    (dram(0, (i % 8) * MIB as u64), MIB)
+                }
+            })
             .collect();
         let batch = {
             let t = t.clone();
             tokio::spawn(async move { read_all(&*t, &locs).await })
         };
-        let mut killer = tokio::task::spawn_blocking(move || peer.wait_stalled().map(|()| peer)).await.unwrap().unwrap();
+        let mut killer =
+            tokio::task::spawn_blocking(move || peer.wait_stalled().map(|()| peer)).await.unwrap().unwrap();
         killer.child.kill().unwrap();
         killer.child.wait().unwrap();
         let (results, bufs) = tokio::time::timeout(Duration::from_secs(30), batch).await.expect("batch hung").unwrap();
@@ -968,7 +980,8 @@ async fn faulty_same_seed_same_faults() {
         let t = FaultyTransport::new(Arc::new(ShmTransport::new(&f.peer, ShmConfig::default())), faults.clone());
         let mut outcome = Vec::new();
         for round in 0..10u64 {
-            let blocks: Vec<(Location, Vec<u8>)> = (0..8).map(|i| (dram(0, round * 1000 + i * 100), vec![1; 10])).collect();
+            let blocks: Vec<(Location, Vec<u8>)> =
+                (0..8).map(|i| (dram(0, round * 1000 + i * 100), vec![1; 10])).collect();
             outcome.extend(write_all(&t, &blocks).await.into_iter().map(|r| r.is_ok()));
         }
         assert_eq!(faults.seed(), 1234);
@@ -1111,21 +1124,6 @@ async fn throughput_report() {
                 "{kib:>5} KiB x{count}: tcp ({stripes} stripe(s)) {got:.2} GB/s, raw tokio tcp {raw:.2} GB/s: {:.2}x",
                 got / raw
             );
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn tmp_variants() {
-    let f = Fixture::new().await;
-    for (len, count) in [(256 * 1024usize, 64usize), (4 * MIB, 16)] {
-        let rounds = (1 << 30) / (len * count) / 4;
-        for buf in [0u64, 4 << 20] {
-            let tcp = TcpTransport::new(f.addr(), TcpConfig { stripes: 1, socket_buffer_bytes: bytesize::ByteSize::b(buf), ..tcp_config() });
-            let got = best_of(|| measure_reads(&tcp, len, count, rounds)).await;
-            let raw = best_of(|| measure_raw_tcp(len, count, rounds, 1)).await;
-            println!("TMP {len} buf {buf}: {got:.2} raw {raw:.2} {:.2}", got / raw);
         }
     }
 }

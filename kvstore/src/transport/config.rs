@@ -136,10 +136,7 @@ impl TcpConfig {
         check(self.connect_timeout_ms > 0, "tcp.connect_timeout_ms must be positive")?;
         check(self.op_timeout_ms > 0, "tcp.op_timeout_ms must be positive")?;
         check(self.socket_buffer_bytes.as_u64() <= 1 << 30, "tcp.socket_buffer_bytes must be at most 1GiB")?;
-        check(
-            (1..=1 << 32).contains(&self.max_frame_bytes.as_u64()),
-            "tcp.max_frame_bytes must be in 1B..=4GiB",
-        )?;
+        check((1..=1 << 32).contains(&self.max_frame_bytes.as_u64()), "tcp.max_frame_bytes must be in 1B..=4GiB")?;
         check((1..=1 << 20).contains(&self.max_batch_ops), "tcp.max_batch_ops must be in 1..=1048576")?;
         check(self.max_connections > 0, "tcp.max_connections must be positive")?;
         check(self.io_timeout_ms > 0, "tcp.io_timeout_ms must be positive")?;

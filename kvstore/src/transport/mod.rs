@@ -112,10 +112,7 @@ impl TransferError {
     /// Whether trying the same peer again may succeed (as opposed to a
     /// request the peer will always refuse, or a block it does not have).
     pub fn is_retryable(&self) -> bool {
-        matches!(
-            self,
-            TransferError::Unreachable(_) | TransferError::ConnectionLost(_) | TransferError::Timeout(_)
-        )
+        matches!(self, TransferError::Unreachable(_) | TransferError::ConnectionLost(_) | TransferError::Timeout(_))
     }
 }
 

@@ -88,8 +88,7 @@ const SERVER_MAX_WR: u32 = 16;
 /// present; otherwise why not.
 pub fn device_available(cfg: &RdmaConfig) -> Result<String, String> {
     let list = ibverbs::devices().map_err(|e| format!("no RDMA devices: listing them failed: {e}"))?;
-    let names: Vec<String> =
-        list.iter().filter_map(|d| d.name().map(|n| n.to_string_lossy().into_owned())).collect();
+    let names: Vec<String> = list.iter().filter_map(|d| d.name().map(|n| n.to_string_lossy().into_owned())).collect();
     match &cfg.device {
         _ if names.is_empty() => Err("no RDMA devices: ibverbs lists none".to_owned()),
         Some(want) if !names.contains(want) => Err(format!("RDMA device {want} not found (have: {names:?})")),
@@ -293,7 +292,13 @@ impl Verbs {
                 send_cq: v.cq,
                 recv_cq: v.cq,
                 srq: std::ptr::null_mut(),
-                cap: ibv_qp_cap { max_send_wr: max_wr, max_recv_wr: 1, max_send_sge: 1, max_recv_sge: 1, max_inline_data: 0 },
+                cap: ibv_qp_cap {
+                    max_send_wr: max_wr,
+                    max_recv_wr: 1,
+                    max_send_sge: 1,
+                    max_recv_sge: 1,
+                    max_inline_data: 0,
+                },
                 qp_type: IBV_QPT_RC,
                 sq_sig_all: 0,
             };
@@ -368,7 +373,12 @@ impl Verbs {
             max_rd_atomic: 16,
             ..ibv_qp_attr::default()
         };
-        let mask = IBV_QP_STATE | IBV_QP_TIMEOUT | IBV_QP_RETRY_CNT | IBV_QP_RNR_RETRY | IBV_QP_SQ_PSN | IBV_QP_MAX_QP_RD_ATOMIC;
+        let mask = IBV_QP_STATE
+            | IBV_QP_TIMEOUT
+            | IBV_QP_RETRY_CNT
+            | IBV_QP_RNR_RETRY
+            | IBV_QP_SQ_PSN
+            | IBV_QP_MAX_QP_RD_ATOMIC;
         self.modify(&mut attr, mask, "RTS")
     }
 
@@ -715,8 +725,9 @@ impl RdmaTransport {
 
     async fn establish(&self) -> Result<Session, TransferError> {
         let reject = TransferError::Rejected;
-        let verbs = Verbs::open(self.cfg.device.as_deref(), self.cfg.port, self.cfg.gid_index, self.cfg.max_outstanding)
-            .map_err(reject)?;
+        let verbs =
+            Verbs::open(self.cfg.device.as_deref(), self.cfg.port, self.cfg.gid_index, self.cfg.max_outstanding)
+                .map_err(reject)?;
         let request = Request {
             endpoint: verbs.local,
             port: self.cfg.port,
@@ -801,7 +812,12 @@ impl RdmaTransport {
     }
 
     /// Moves the DRAM ops `(index in the batch, location, caller buffer)`.
-    async fn run(&self, mut ops: Vec<(usize, Location, Local<'_>)>, dir: Direction, results: &mut [Result<(), TransferError>]) {
+    async fn run(
+        &self,
+        mut ops: Vec<(usize, Location, Local<'_>)>,
+        dir: Direction,
+        results: &mut [Result<(), TransferError>],
+    ) {
         let session = match self.session().await {
             Ok(s) => s,
             Err(e) => {
@@ -894,10 +910,7 @@ pub(crate) struct ServerSession {
 /// Serves an `RDMA_CONNECT` payload: registers the requested segments,
 /// connects a queue pair to the client's, and returns the `RDMA_ACCEPT`
 /// payload with the session to keep alive.
-pub(crate) fn server_accept(
-    target: &Arc<dyn DataTarget>,
-    request: &[u8],
-) -> Result<(Vec<u8>, ServerSession), String> {
+pub(crate) fn server_accept(target: &Arc<dyn DataTarget>, request: &[u8]) -> Result<(Vec<u8>, ServerSession), String> {
     let req = Request::decode(request).ok_or("malformed RDMA_CONNECT payload")?;
     let device = std::env::var("TANDEM_RDMA_DEVICE").ok();
     let mut verbs = Verbs::open(device.as_deref(), req.port, req.gid_index, SERVER_MAX_WR)?;

@@ -75,7 +75,10 @@ impl ShmTransport {
     }
 
     /// Segments of every DRAM location in `locs`, mapped, in op order.
-    fn resolve<'l>(&self, locs: impl Iterator<Item = &'l Location>) -> Vec<Option<Result<Arc<Segment>, TransferError>>> {
+    fn resolve<'l>(
+        &self,
+        locs: impl Iterator<Item = &'l Location>,
+    ) -> Vec<Option<Result<Arc<Segment>, TransferError>>> {
         locs.map(|loc| match loc {
             Location::Dram { segment, .. } => Some(self.segment(*segment)),
             Location::Ssd { .. } => None,
@@ -132,7 +135,9 @@ impl ShmTransport {
             .iter()
             .enumerate()
             .filter_map(|(i, op)| match op.dst {
-                Location::Dram { segment, offset } => Some((segment, offset, offset.saturating_add(op.src.len() as u64), i)),
+                Location::Dram { segment, offset } => {
+                    Some((segment, offset, offset.saturating_add(op.src.len() as u64), i))
+                }
                 Location::Ssd { .. } => None,
             })
             .collect();
@@ -153,7 +158,9 @@ impl ShmTransport {
                 continue;
             }
             *result = match (op.dst, seg) {
-                (Location::Ssd { .. }, _) => Err(TransferError::Rejected("writes go to DRAM locations only".to_owned())),
+                (Location::Ssd { .. }, _) => {
+                    Err(TransferError::Rejected("writes go to DRAM locations only".to_owned()))
+                }
                 (Location::Dram { offset, .. }, Some(Ok(seg))) => match seg.slice_mut(offset, op.src.len()) {
                     Ok(dst) => {
                         copies.push((op.src, dst));

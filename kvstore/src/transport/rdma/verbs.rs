@@ -57,8 +57,7 @@ pub struct ibv_pd {
 }
 
 pub type PollCq = unsafe extern "C" fn(cq: *mut ibv_cq, num_entries: c_int, wc: *mut ibv_wc) -> c_int;
-pub type PostSend =
-    unsafe extern "C" fn(qp: *mut ibv_qp, wr: *mut ibv_send_wr, bad_wr: *mut *mut ibv_send_wr) -> c_int;
+pub type PostSend = unsafe extern "C" fn(qp: *mut ibv_qp, wr: *mut ibv_send_wr, bad_wr: *mut *mut ibv_send_wr) -> c_int;
 
 /// `struct ibv_context_ops`: only the two data-path entries are named
 /// (`ibv_poll_cq` and `ibv_post_send` are inline functions calling them).
