@@ -212,6 +212,78 @@ impl KvCache {
     }
 }
 
+/// Exchange of whole pages with the KV store: one page is one store block
+/// (DESIGN.md §3), `[layer][k|v][token][kv_head][head_dim]` for all layers,
+/// so one layer of a page is one contiguous byte range.
+impl KvCache {
+    /// Bytes of one page (one store block).
+    pub fn block_bytes(&self) -> usize {
+        self.geometry.page_elems() * self.dtype().bytes()
+    }
+
+    /// Bytes of one layer of one page.
+    pub fn layer_block_bytes(&self) -> usize {
+        self.geometry.layer_elems() * self.dtype().bytes()
+    }
+
+    fn page_range(&self, page: u32) -> Result<std::ops::Range<usize>> {
+        let page = page as usize;
+        if page >= self.num_pages() {
+            return Err(ModelError::Request(format!("page {page} is outside a pool of {}", self.num_pages())));
+        }
+        let n = self.geometry.page_elems();
+        Ok(page * n..(page + 1) * n)
+    }
+
+    /// The bytes of `page`, as stored in the KV store.
+    pub fn page_bytes(&self, page: u32) -> Result<&[u8]> {
+        let r = self.page_range(page)?;
+        Ok(match &self.pool {
+            KvPool::F32(p) => bytemuck::cast_slice(&p[r]),
+            KvPool::BF16(p) => bytemuck::cast_slice(&p[r]),
+        })
+    }
+
+    /// The bytes of `layer` of `page` (a prefix writes them while the next
+    /// layer computes).
+    pub fn layer_bytes(&self, page: u32, layer: usize) -> Result<&[u8]> {
+        if layer >= self.geometry.num_layers {
+            return Err(ModelError::Request(format!("layer {layer} of {}", self.geometry.num_layers)));
+        }
+        let n = self.layer_block_bytes();
+        Ok(&self.page_bytes(page)?[layer * n..(layer + 1) * n])
+    }
+
+    /// Appends full blocks fetched from the store to `seq`, which must hold
+    /// a whole number of pages. On error nothing is allocated or changed.
+    pub fn append_blocks(&mut self, seq: &mut SeqKv, blocks: &[&[u8]]) -> Result<()> {
+        let pt = self.geometry.page_tokens;
+        if !seq.len.is_multiple_of(pt) || seq.pages.len() != seq.len / pt {
+            return Err(ModelError::Request(format!(
+                "blocks can only extend a sequence of whole pages ({} tokens, {} pages of {pt})",
+                seq.len,
+                seq.pages.len()
+            )));
+        }
+        let want = self.block_bytes();
+        if let Some(bad) = blocks.iter().find(|b| b.len() != want) {
+            return Err(ModelError::Fetch(format!("a KV block of {} bytes, expected {want}", bad.len())));
+        }
+        let tokens = seq.len + blocks.len() * pt;
+        let first_new = seq.pages.len();
+        self.reserve(seq, tokens)?;
+        for (i, block) in blocks.iter().enumerate() {
+            let r = self.page_range(seq.pages[first_new + i])?;
+            match &mut self.pool {
+                KvPool::F32(p) => bytemuck::cast_slice_mut::<f32, u8>(&mut p[r]).copy_from_slice(block),
+                KvPool::BF16(p) => bytemuck::cast_slice_mut::<bf16, u8>(&mut p[r]).copy_from_slice(block),
+            }
+        }
+        seq.len = tokens;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -251,6 +323,41 @@ mod tests {
         assert_eq!(c.free_pages(), 2);
         c.release(b);
         assert_eq!(c.free_pages(), 4);
+    }
+
+    #[test]
+    fn blocks_round_trip_between_caches() {
+        for dtype in [KvDType::F32, KvDType::BF16] {
+            let g = KvGeometry { page_tokens: 4, num_layers: 2, num_kv_heads: 1, head_dim: 2 };
+            let mut a = KvCache::new(g, 4, dtype).unwrap();
+            let mut s = SeqKv::default();
+            a.reserve(&mut s, 8).unwrap();
+            for pos in 0..8 {
+                for layer in 0..2 {
+                    let k = [pos as f32, layer as f32];
+                    let v = [-(pos as f32), 0.5];
+                    a.write(&s, layer, pos, &k, &v);
+                }
+            }
+            a.set_len(&mut s, 8);
+            let blocks: Vec<Vec<u8>> = s.block_table().iter().map(|&p| a.page_bytes(p).unwrap().to_vec()).collect();
+            assert_eq!(blocks[0].len(), a.block_bytes());
+            assert_eq!(a.layer_bytes(s.block_table()[1], 1).unwrap(), &blocks[1][a.layer_block_bytes()..]);
+            let mut b = KvCache::new(g, 3, dtype).unwrap();
+            let mut t = SeqKv::default();
+            let views: Vec<&[u8]> = blocks.iter().map(Vec::as_slice).collect();
+            b.append_blocks(&mut t, &views).unwrap();
+            assert_eq!(t.len(), 8);
+            for (i, &p) in t.block_table().iter().enumerate() {
+                assert_eq!(b.page_bytes(p).unwrap(), blocks[i].as_slice());
+            }
+            // Wrong sizes and a full pool change nothing.
+            let mut u = SeqKv::default();
+            assert!(b.append_blocks(&mut u, &[&blocks[0][1..]]).is_err());
+            assert!(b.append_blocks(&mut u, &[&blocks[0], &blocks[1]]).is_err(), "only one page left");
+            assert_eq!((u.len(), b.free_pages()), (0, 1));
+            assert!(b.page_bytes(99).is_err());
+        }
     }
 
     #[test]
