@@ -362,8 +362,14 @@ impl StoreClient {
             }
         }
         if reply.lease_id != 0 {
-            // Best effort: an unreleased lease expires on its own.
-            let _ = self.master.clone().release_lease(pb::ReleaseLeaseRequest { lease_id: reply.lease_id }).await;
+            // Off the caller's path; best effort: an unreleased lease expires on its own.
+            let mut master = self.master.clone();
+            let release = pb::ReleaseLeaseRequest { lease_id: reply.lease_id };
+            tokio::spawn(async move {
+                if let Err(e) = master.release_lease(release).await {
+                    tracing::debug!("lease release failed (it will expire): {e}");
+                }
+            });
         }
         let hits = found.iter().filter(|f| f.is_some()).count() as u64;
         self.metrics.hits.fetch_add(hits, Ordering::Relaxed);

@@ -67,9 +67,18 @@ impl Store {
         StoreClient::new(cfg).unwrap()
     }
 
+    /// Nothing reserved or leased (lease releases are asynchronous: allow them a moment).
     async fn assert_clean(&self) {
-        let s = self.client(TransportPreference::Tcp).stats().await.unwrap();
-        assert_eq!((s.pending_puts, s.active_leases), (0, 0), "leaked reservations or leases");
+        let client = self.client(TransportPreference::Tcp);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let s = client.stats().await.unwrap();
+            if (s.pending_puts, s.active_leases) == (0, 0) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "leaked {} reservations, {} leases", s.pending_puts, s.active_leases);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     async fn stop(self) {
