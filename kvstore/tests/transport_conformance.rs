@@ -357,17 +357,25 @@ conformance!(faulty_tcp_without_faults, |f| {
     Arc::new(FaultyTransport::new(tcp, Faults::new(7)))
 });
 
+/// RDMA settings for the test: `TANDEM_RDMA_GID_INDEX` picks the GID
+/// (RoCE v2, e.g. soft-RoCE, wants the IPv4-mapped one).
+fn rdma_config() -> TransportConfig {
+    let mut cfg = TransportConfig { prefer: TransportPreference::Rdma, ..TransportConfig::default() };
+    if let Some(index) = std::env::var("TANDEM_RDMA_GID_INDEX").ok().and_then(|s| s.parse().ok()) {
+        cfg.rdma.gid_index = index;
+    }
+    cfg
+}
+
 /// The suite over RDMA, when this build and machine can do it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rdma_conformance_when_a_device_is_present() {
-    let cfg = TransportConfig { prefer: TransportPreference::Rdma, ..TransportConfig::default() };
-    if let Err(reason) = rdma_available(&cfg.rdma) {
+    if let Err(reason) = rdma_available(&rdma_config().rdma) {
         println!("skipped rdma conformance: {reason}");
         return;
     }
     fn make(f: &Fixture) -> Arc<dyn Transport> {
-        let cfg = TransportConfig { prefer: TransportPreference::Rdma, ..TransportConfig::default() };
-        connect(&f.peer, "another-host", &cfg).expect("rdma transport")
+        connect(&f.peer, "another-host", &rdma_config()).expect("rdma transport")
     }
     suite::round_trips_of_many_sizes(make).await;
     suite::batches_span_segments(make).await;
@@ -495,6 +503,11 @@ fn request(op: Opcode, id: u64, segment: u32, offset: u64, len: u64) -> FrameHea
     h
 }
 
+fn tweak(mut h: FrameHeader, change: impl FnOnce(&mut FrameHeader)) -> FrameHeader {
+    change(&mut h);
+    h
+}
+
 fn write_frame(id: u64, segment: u32, offset: u64, payload: &[u8], trailer: u64) -> Vec<u8> {
     let mut out = request(Opcode::Write, id, segment, offset, payload.len() as u64).encode().to_vec();
     out.extend_from_slice(payload);
@@ -603,50 +616,19 @@ async fn tcp_oversized_frames_are_refused_on_both_sides() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tcp_malformed_requests_get_errors_not_panics() {
     let f = Fixture::new().await;
+    let read = || request(Opcode::Read, 1, 0, 0, 10);
     let cases: Vec<(FrameHeader, Status, bool)> = vec![
-        ({ FrameHeader::new(Opcode::Read, 1) }, Status::TooManyOps, false), // count 0
-        ({ request(Opcode::Read, 1, 99, 0, 10) }, Status::UnknownSegment, false),
-        ({ request(Opcode::Read, 1, 0, SEGMENT_BYTES, 1) }, Status::OutOfBounds, false),
-        ({ request(Opcode::Read, 1, 0, u64::MAX, 2) }, Status::OutOfBounds, false),
-        ({ request(Opcode::ReadSsd, 1, 0, 12345, 10) }, Status::NotFound, false),
-        (
-            {
-                let mut h = request(Opcode::Read, 1, 0, 0, 10);
-                h.count = u32::MAX;
-                h
-            },
-            Status::TooManyOps,
-            false,
-        ),
-        (
-            {
-                let mut h = request(Opcode::Read, 1, 0, 0, 10);
-                h.opcode = 0x42;
-                h
-            },
-            Status::BadRequest,
-            true,
-        ),
-        ({ request(Opcode::Data, 1, 0, 0, 0) }, Status::BadRequest, true),
-        (
-            {
-                let mut h = request(Opcode::Read, 1, 0, 0, 10);
-                h.flags = 1;
-                h
-            },
-            Status::BadRequest,
-            true,
-        ),
-        ({ request(Opcode::Read, 0, 0, 0, 10) }, Status::BadRequest, true),
-        (
-            {
-                let mut h = request(Opcode::Write, 1, 0, 0, 10);
-                h.len = 11;
-                h
-            },
-            Status::BadRequest,
-            true,
-        ),
+        (FrameHeader::new(Opcode::Read, 1), Status::TooManyOps, false), // count 0
+        (request(Opcode::Read, 1, 99, 0, 10), Status::UnknownSegment, false),
+        (request(Opcode::Read, 1, 0, SEGMENT_BYTES, 1), Status::OutOfBounds, false),
+        (request(Opcode::Read, 1, 0, u64::MAX, 2), Status::OutOfBounds, false),
+        (request(Opcode::ReadSsd, 1, 0, 12345, 10), Status::NotFound, false),
+        (tweak(read(), |h| h.count = u32::MAX), Status::TooManyOps, false),
+        (tweak(read(), |h| h.opcode = 0x42), Status::BadRequest, true),
+        (request(Opcode::Data, 1, 0, 0, 0), Status::BadRequest, true),
+        (tweak(read(), |h| h.flags = 1), Status::BadRequest, true),
+        (request(Opcode::Read, 0, 0, 0, 10), Status::BadRequest, true),
+        (tweak(request(Opcode::Write, 1, 0, 0, 10), |h| h.len = 11), Status::BadRequest, true),
     ];
     for (i, (h, want, closes)) in cases.into_iter().enumerate() {
         let mut raw = RawClient::connect(f.addr()).await;

@@ -78,7 +78,9 @@ impl Default for TcpConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShmConfig {
-    /// Threads one large batch is copied on (1 = the calling thread only).
+    /// Threads one large batch is copied on (1 = the calling thread only;
+    /// 0 = one per 8 cores, at most 4: on small, shared machines a second
+    /// copy thread waits for a core more than it helps).
     pub copy_threads: usize,
     /// Batches smaller than this are copied on the calling thread.
     pub parallel_min_bytes: ByteSize,
@@ -86,7 +88,7 @@ pub struct ShmConfig {
 
 impl Default for ShmConfig {
     fn default() -> Self {
-        ShmConfig { copy_threads: 2, parallel_min_bytes: ByteSize::mib(8) }
+        ShmConfig { copy_threads: 0, parallel_min_bytes: ByteSize::mib(8) }
     }
 }
 
@@ -151,7 +153,15 @@ impl TcpConfig {
 impl ShmConfig {
     /// Rejects settings that cannot work, naming the field.
     pub fn validate(&self) -> Result<(), String> {
-        check((1..=64).contains(&self.copy_threads), "shm.copy_threads must be in 1..=64")
+        check(self.copy_threads <= 64, "shm.copy_threads must be in 0..=64")
+    }
+
+    /// Copy threads to use: `copy_threads`, or the automatic choice for 0.
+    pub fn effective_copy_threads(&self) -> usize {
+        match self.copy_threads {
+            0 => std::thread::available_parallelism().map_or(1, |n| (n.get() / 8).clamp(1, 4)),
+            n => n,
+        }
     }
 }
 
@@ -204,7 +214,8 @@ mod tests {
         cfg.tcp.stripes = 0;
         assert!(cfg.validate().unwrap_err().contains("tcp.stripes"));
         let mut cfg = TransportConfig::default();
-        cfg.shm.copy_threads = 0;
+        cfg.shm.copy_threads = 65;
         assert!(cfg.validate().unwrap_err().contains("shm.copy_threads"));
+        assert!(ShmConfig::default().effective_copy_threads() >= 1);
     }
 }

@@ -213,15 +213,22 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut shutdown: 
         };
         match next {
             Ok(Next::Continue) => {}
-            Ok(Next::Close) => break,
+            Ok(Next::Close) => {
+                // The client may still be sending (say, a refused payload):
+                // make sure it gets to read why it is being dropped.
+                let _ = conn.flush().await;
+                linger_close(conn.reader, conn.writer, conn.io_timeout.min(LINGER_TIMEOUT)).await;
+                return;
+            }
             Err(e) => {
                 tracing::debug!(error = %e, "connection failed mid-frame");
                 return;
             }
         }
     }
+    // Shutdown or idle: replies so far go out, then the connection closes.
     let _ = conn.flush().await;
-    linger_close(conn.reader, conn.writer, conn.io_timeout.min(LINGER_TIMEOUT)).await;
+    let _ = tokio::time::timeout(conn.io_timeout, conn.writer.shutdown()).await;
 }
 
 /// Closes a connection so the client can read the last reply: FIN first,

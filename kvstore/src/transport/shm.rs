@@ -9,8 +9,8 @@
 //! creates new files, and callers make a new transport for the new
 //! [`PeerInfo`] (its `incarnation` changes).
 //!
-//! Large batches are copied on several threads (`copy_threads`, above
-//! `parallel_min_bytes`); the copy runs inside
+//! Large batches can be copied on several threads (`copy_threads`, above
+//! `parallel_min_bytes`; by default only on machines with 16+ cores); the copy runs inside
 //! [`tokio::task::block_in_place`] on a multi-threaded runtime so that it
 //! does not stall other tasks on the worker.
 
@@ -38,6 +38,8 @@ pub struct ShmTransport {
     mapped: RwLock<HashMap<u32, Arc<Segment>>>,
     ssd_dir: Option<PathBuf>,
     cfg: ShmConfig,
+    /// Resolved from `cfg.copy_threads` once.
+    copy_threads: usize,
 }
 
 /// One planned copy: source bytes and destination bytes of equal length.
@@ -51,6 +53,7 @@ impl ShmTransport {
             files: peer.segments.iter().map(|s| (s.id, (s.path.clone(), s.bytes))).collect(),
             mapped: RwLock::new(HashMap::new()),
             ssd_dir: peer.ssd_dir.clone(),
+            copy_threads: cfg.effective_copy_threads(),
             cfg,
         }
     }
@@ -180,7 +183,7 @@ impl ShmTransport {
     /// large enough to repay the thread start-up.
     fn copy_all(&self, copies: Vec<Copy<'_>>) {
         let total: usize = copies.iter().map(|(s, _)| s.len()).sum();
-        let threads = self.cfg.copy_threads.max(1);
+        let threads = self.copy_threads;
         if threads == 1 || (total as u64) < self.cfg.parallel_min_bytes.as_u64() {
             for (src, dst) in copies {
                 dst.copy_from_slice(src);
