@@ -2,8 +2,6 @@
 //! seeded; with log-probabilities on request.
 
 use crate::error::{ModelError, Result};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
 /// How to pick tokens. Validated by [`SamplingParams::validate`].
 #[derive(Debug, Clone, PartialEq)]
@@ -64,18 +62,43 @@ pub struct Sampled {
     pub top_logprobs: Vec<(u32, f32)>,
 }
 
-/// A sampler with its own random stream.
+/// A sampler with a counter-based random stream: the draw for the `n`-th
+/// sampled token depends only on `(seed, n)`. Its whole state is the
+/// parameters plus [`Sampler::step`], so a request can move between
+/// processes (prefill → decode) and continue exactly as in one process.
 #[derive(Debug, Clone)]
 pub struct Sampler {
     params: SamplingParams,
-    rng: StdRng,
+    step: u64,
+}
+
+/// SplitMix64's finaliser: a bijective 64-bit mix (Steele et al., 2014).
+fn mix64(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
 }
 
 impl Sampler {
     pub fn new(params: SamplingParams) -> Result<Self> {
+        Self::resume(params, 0)
+    }
+
+    /// A sampler that has already sampled `step` tokens (a handed-off request).
+    pub fn resume(params: SamplingParams, step: u64) -> Result<Self> {
         params.validate()?;
-        let rng = StdRng::seed_from_u64(params.seed);
-        Ok(Self { params, rng })
+        Ok(Self { params, step })
+    }
+
+    /// Tokens sampled so far: with the parameters, the whole state.
+    pub fn step(&self) -> u64 {
+        self.step
+    }
+
+    /// A uniform draw in [0, 1) for the current step.
+    fn uniform(&self) -> f64 {
+        let x = mix64(mix64(self.params.seed ^ 0x9E37_79B9_7F4A_7C15).wrapping_add(self.step));
+        (x >> 11) as f64 / (1u64 << 53) as f64
     }
 
     pub fn params(&self) -> &SamplingParams {
@@ -91,6 +114,7 @@ impl Sampler {
             return Err(ModelError::Request("the model produced NaN logits".into()));
         }
         let token = if self.params.is_greedy() { argmax(logits) } else { self.draw(logits) };
+        self.step += 1;
         let (logprob, top_logprobs) = match self.params.logprobs {
             None => (None, Vec::new()),
             Some(k) => {
@@ -102,7 +126,7 @@ impl Sampler {
         Ok(Sampled { token, logprob, top_logprobs })
     }
 
-    fn draw(&mut self, logits: &[f32]) -> u32 {
+    fn draw(&self, logits: &[f32]) -> u32 {
         let t = self.params.temperature;
         let k = if self.params.top_k == 0 { logits.len() } else { self.params.top_k.min(logits.len()) };
         // Candidates by descending logit (ties: lower id first).
@@ -123,7 +147,7 @@ impl Sampler {
             }
         }
         let mass: f64 = probs[..keep].iter().sum();
-        let mut u = self.rng.random::<f64>() * mass;
+        let mut u = self.uniform() * mass;
         for (i, p) in probs[..keep].iter().enumerate() {
             if u < *p {
                 return cand[i] as u32;
@@ -204,6 +228,24 @@ mod tests {
         for _ in 0..50 {
             assert_eq!(s.sample(&logits).unwrap().token, 6);
         }
+    }
+
+    #[test]
+    fn a_resumed_sampler_continues_the_same_stream() {
+        let logits: Vec<f32> = (0..100).map(|i| ((i * 13) % 17) as f32 * 0.2).collect();
+        let mut one = sampler(1.0, 0, 0.95, 7);
+        let whole: Vec<u32> = (0..40).map(|_| one.sample(&logits).unwrap().token).collect();
+        // Hand off after 1 and after 25 tokens: the continuation is the same.
+        for cut in [1usize, 25] {
+            let mut first = sampler(1.0, 0, 0.95, 7);
+            let mut got: Vec<u32> = (0..cut).map(|_| first.sample(&logits).unwrap().token).collect();
+            let mut second = Sampler::resume(first.params().clone(), first.step()).unwrap();
+            got.extend((cut..40).map(|_| second.sample(&logits).unwrap().token));
+            assert_eq!(got, whole, "handoff after {cut} tokens changed the stream");
+        }
+        // The draws are spread: a uniform stream, not a constant.
+        let distinct: std::collections::HashSet<u32> = whole.iter().copied().collect();
+        assert!(distinct.len() > 10, "{whole:?}");
     }
 
     #[test]
