@@ -196,7 +196,8 @@ pub async fn start(cfg: StorageConfig) -> Result<NodeHandle, StoreError> {
     let rpc = NodeRpc { data: data.clone(), host_id: peer.host_id.clone(), transport: cfg.transport.clone() };
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // TCP_NODELAY: small replies must not wait on the delayed-ACK timer.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
             .add_service(StorageNodeServer::new(rpc))
             .serve_with_incoming_shutdown(incoming, async move {

@@ -118,7 +118,8 @@ pub async fn serve(cfg: MasterConfig) -> Result<MasterHandle, String> {
     let ticker = tokio::spawn(housekeeping(shared.clone(), Duration::from_millis(cfg.tick_ms)));
     let svc = MasterServer::new(MasterRpc { shared, cfg: cfg.clone() });
     let task = tokio::spawn(async move {
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // TCP_NODELAY: small replies must not wait on the delayed-ACK timer.
+        let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async {
