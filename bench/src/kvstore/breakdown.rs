@@ -13,6 +13,8 @@ use tandem_kvstore::transport::{connect, local_host_id, ReadOp, TransportConfig,
 use tandem_kvstore::wire::replica_from_pb;
 use tandem_proto::kvstore as pb;
 use tandem_proto::BlockKey;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use super::cluster::Cluster;
 use super::redis::RespConn;
@@ -29,7 +31,8 @@ pub struct GetPhases {
     pub transfer_us: f64,
     /// xxh3 of the block, checked against the writer's checksum.
     pub checksum_us: f64,
-    /// `ReleaseLease` round trip to the master.
+    /// `ReleaseLease` round trip to the master (a client may send it off
+    /// the caller's path; its cost to the master remains).
     pub release_lease_us: f64,
     pub phases_sum_us: f64,
     /// The real `StoreClient::get_into`, measured in the same loop.
@@ -56,7 +59,8 @@ pub struct PutPhases {
     pub client_put_us: f64,
     /// Share of the phases spent in master round trips.
     pub master_share: f64,
-    /// A Redis `SET` of the same size, when Redis runs.
+    /// A Redis `SET` of the same size (overwriting one of a few keys),
+    /// when Redis runs.
     pub redis_set_us: Option<f64>,
 }
 
@@ -69,6 +73,11 @@ pub struct Breakdown {
     pub ops: usize,
     /// A `Lookup` of one key: the floor of any master round trip.
     pub null_rpc_us: f64,
+    /// A one-byte ping-pong on a loopback tcp connection in this runtime:
+    /// the floor of any round trip here.
+    pub tcp_ping_us: f64,
+    /// A Redis `PING`, when Redis runs.
+    pub redis_ping_us: Option<f64>,
     pub get: GetPhases,
     pub put: PutPhases,
 }
@@ -77,6 +86,8 @@ pub struct Breakdown {
 #[derive(Debug, Default)]
 struct Samples {
     null_rpc: Vec<f64>,
+    tcp_ping: Vec<f64>,
+    redis_ping: Vec<f64>,
     get: [Vec<f64>; 4],
     get_client: Vec<f64>,
     redis_get: Vec<f64>,
@@ -112,6 +123,7 @@ pub async fn measure(input: BreakdownInput<'_>, mut redis: Option<&mut RespConn>
     let mut s = Samples::default();
     let mut fresh: Vec<BlockKey> = Vec::new();
     let mut fresh_redis: Vec<Vec<u8>> = Vec::new();
+    let mut echo = Echo::start().await.context("starting a loopback echo")?;
     let warmup = 3;
     for i in 0..input.ops + warmup {
         let keep = i >= warmup;
@@ -121,6 +133,14 @@ pub async fn measure(input: BreakdownInput<'_>, mut redis: Option<&mut RespConn>
         let start = Instant::now();
         master.lookup(pb::LookupRequest { keys: vec![key.0] }).await.context("Lookup")?;
         push(&mut s.null_rpc, keep, start);
+        let start = Instant::now();
+        echo.ping().await?;
+        push(&mut s.tcp_ping, keep, start);
+        if let Some(conn) = redis.as_deref_mut() {
+            let start = Instant::now();
+            conn.ping().await?;
+            push(&mut s.redis_ping, keep, start);
+        }
 
         // get_into, phase by phase.
         let start = Instant::now();
@@ -194,11 +214,15 @@ pub async fn measure(input: BreakdownInput<'_>, mut redis: Option<&mut RespConn>
             bail!("store put of a fresh key gave {outcome:?}");
         }
         if let Some(conn) = redis.as_deref_mut() {
-            let name = format!("b:{:016x}", rng.next_u64()).into_bytes();
+            // Overwrites a few keys, so Redis writes into memory it has (as
+            // the store does); see the module docs of `versus`.
+            let name = format!("b:{}", i % 8).into_bytes();
             let start = Instant::now();
             conn.set(&name, &value).await?;
             push(&mut s.redis_set, keep, start);
-            fresh_redis.push(name);
+            if i < 8 {
+                fresh_redis.push(name);
+            }
         }
     }
     client.remove(&fresh).await?;
@@ -208,6 +232,35 @@ pub async fn measure(input: BreakdownInput<'_>, mut redis: Option<&mut RespConn>
         }
     }
     Ok(summarize(&input, s))
+}
+
+/// A one-byte echo over loopback tcp, server task in this runtime.
+struct Echo {
+    conn: TcpStream,
+}
+
+impl Echo {
+    async fn start() -> std::io::Result<Echo> {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
+        let addr = listener.local_addr()?;
+        tokio::spawn(async move {
+            let Ok((mut conn, _)) = listener.accept().await else { return };
+            let _ = conn.set_nodelay(true);
+            let mut b = [0u8; 1];
+            // Ends when the client drops its end.
+            while conn.read_exact(&mut b).await.is_ok() && conn.write_all(&b).await.is_ok() {}
+        });
+        let conn = TcpStream::connect(addr).await?;
+        conn.set_nodelay(true)?;
+        Ok(Echo { conn })
+    }
+
+    async fn ping(&mut self) -> std::io::Result<()> {
+        let mut b = [7u8; 1];
+        self.conn.write_all(&b).await?;
+        self.conn.read_exact(&mut b).await?;
+        Ok(())
+    }
 }
 
 fn push(v: &mut Vec<f64>, keep: bool, start: Instant) {
@@ -233,6 +286,8 @@ fn summarize(input: &BreakdownInput<'_>, s: Samples) -> Breakdown {
         },
         ops: input.ops,
         null_rpc_us: med(&s.null_rpc),
+        tcp_ping_us: med(&s.tcp_ping),
+        redis_ping_us: opt(&s.redis_ping),
         get: GetPhases {
             get_replicas_us: g[0],
             transfer_us: g[1],

@@ -34,8 +34,12 @@ impl Cluster {
     /// pays for tmpfs allocating it.
     pub async fn start(shm_dir: &Path, dram: ByteSize) -> anyhow::Result<Cluster> {
         let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-        let master_cfg = MasterConfig { listen: loopback, metadata_dir: None, hot_threshold: 0, ..MasterConfig::default() };
-        let master = tandem_kvstore::master::serve(master_cfg).await.map_err(anyhow::Error::msg).context("starting the master")?;
+        let master_cfg =
+            MasterConfig { listen: loopback, metadata_dir: None, hot_threshold: 0, ..MasterConfig::default() };
+        let master = tandem_kvstore::master::serve(master_cfg)
+            .await
+            .map_err(anyhow::Error::msg)
+            .context("starting the master")?;
         let master_addr = master.local_addr();
         let node_cfg = StorageConfig {
             name: format!("bench-{}", std::process::id()),

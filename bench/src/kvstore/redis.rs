@@ -14,6 +14,8 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWrit
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
+use super::sys::pid_cpu_secs;
+
 /// Longest wait for a started server to answer `PING`.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest reply header line accepted (`$<len>\r\n`, `+OK\r\n`, errors).
@@ -73,6 +75,13 @@ impl RedisServer {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+}
+
+impl RedisServer {
+    /// CPU seconds the server has used so far.
+    pub fn cpu_secs(&self) -> Option<f64> {
+        pid_cpu_secs(self.pid())
     }
 }
 
@@ -221,8 +230,12 @@ pub fn redis_benchmark(
 /// p50, p95, p99, max; latencies in ms).
 fn parse_benchmark_csv(text: &str, value_bytes: usize) -> anyhow::Result<Vec<RedisBenchmarkLine>> {
     let mut lines = text.lines().filter(|l| !l.trim().is_empty());
-    let header: Vec<String> =
-        lines.next().context("empty redis-benchmark output")?.split(',').map(|f| f.trim_matches('"').to_owned()).collect();
+    let header: Vec<String> = lines
+        .next()
+        .context("empty redis-benchmark output")?
+        .split(',')
+        .map(|f| f.trim_matches('"').to_owned())
+        .collect();
     let col = |name: &str| {
         header.iter().position(|h| h == name).with_context(|| format!("redis-benchmark CSV has no {name:?} column"))
     };

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 use tandem_kvstore::policy::PolicyKind;
+use tandem_kvstore::transport::ShmConfig;
 
 use super::eviction::{EvictionResult, SSD_FACTOR};
 use super::sys::{size_tag, thp_settings};
@@ -141,15 +142,25 @@ fn shm_items(points: &[super::shm::ShmPoint], items: &mut Vec<Item>) {
                 target: None,
                 detail: detail(p.write_default_config_gbps),
             },
+            Item {
+                key: format!("shm_read_into_malloc_offset_buffer_vs_memcpy_{t}"),
+                value: ratio(p.read_malloc_offset_gbps, base),
+                target: None,
+                detail: format!(
+                    "{:.2} vs {base:.2} GB/s; memcpy at that offset {:.2}",
+                    p.read_malloc_offset_gbps, p.memcpy_malloc_offset_gbps
+                ),
+            },
         ]);
     }
 }
 
 fn tcp_items(tcp: &TcpResult, settings: &Settings, items: &mut Vec<Item>) {
     let (recv, send) = (tcp.raw_recv_gbps, tcp.raw_send_gbps);
+    let default_buffers = settings.tcp.socket_buffers.first().copied().unwrap_or(0);
     for &block in &settings.tcp.block_sizes {
         let t = size_tag(block);
-        if let Some(best) = tcp.best_read(block) {
+        if let Some(best) = tcp.best_read(block, default_buffers) {
             items.push(Item {
                 key: format!("tcp_read_vs_raw_tcp_{t}"),
                 value: ratio(best.read_gbps, recv),
@@ -157,7 +168,7 @@ fn tcp_items(tcp: &TcpResult, settings: &Settings, items: &mut Vec<Item>) {
                 detail: format!("{:.2} vs {recv:.2} GB/s, best of stripes: {}", best.read_gbps, best.stripes),
             });
         }
-        if let Some(best) = tcp.best_write(block) {
+        if let Some(best) = tcp.best_write(block, default_buffers) {
             items.push(Item {
                 key: format!("tcp_write_vs_raw_tcp_{t}"),
                 value: ratio(best.write_gbps, send),
@@ -165,14 +176,36 @@ fn tcp_items(tcp: &TcpResult, settings: &Settings, items: &mut Vec<Item>) {
                 detail: format!("{:.2} vs {send:.2} GB/s, best of stripes: {}", best.write_gbps, best.stripes),
             });
         }
-        for run in tcp.runs.iter().filter(|r| r.block_bytes == block) {
-            items.push(Item {
-                key: format!("tcp_read_vs_raw_tcp_{t}_stripes_{}", run.stripes),
-                value: ratio(run.read_gbps, recv),
-                target: None,
-                detail: format!("{:.2} GB/s; write {:.2} GB/s", run.read_gbps, run.write_gbps),
-            });
+        for &buffers in &settings.tcp.socket_buffers {
+            let suffix = if buffers == default_buffers { String::new() } else { buffer_tag(buffers) };
+            if buffers != default_buffers {
+                if let Some(best) = tcp.best_read(block, buffers) {
+                    items.push(Item {
+                        key: format!("tcp_read_vs_raw_tcp_{t}{suffix}"),
+                        value: ratio(best.read_gbps, recv),
+                        target: None,
+                        detail: format!("{:.2} GB/s, best of stripes: {}", best.read_gbps, best.stripes),
+                    });
+                }
+            }
+            for run in tcp.runs_of(block, buffers) {
+                items.push(Item {
+                    key: format!("tcp_read_vs_raw_tcp_{t}_stripes_{}{suffix}", run.stripes),
+                    value: ratio(run.read_gbps, recv),
+                    target: None,
+                    detail: format!("{:.2} GB/s; write {:.2} GB/s", run.read_gbps, run.write_gbps),
+                });
+            }
         }
+    }
+}
+
+/// Key suffix of a non-default socket buffer setting.
+fn buffer_tag(bytes: u64) -> String {
+    if bytes == 0 {
+        "_autotuned_buffers".to_owned()
+    } else {
+        format!("_buffers_{}", size_tag(bytes as usize))
     }
 }
 
@@ -181,7 +214,12 @@ fn versus_items(v: &VersusResult, settings: &Settings, items: &mut Vec<Item>) {
         let t = size_tag(size);
         for op in [Op::Get, Op::Put] {
             for (system, tname) in [(System::StoreShm, "shm"), (System::StoreTcp, "tcp")] {
-                let (Some(store), Some(redis)) = (v.find(system, op, size), v.find(System::Redis, op, size)) else {
+                // Against the faster Redis variant (puts: overwriting or fresh keys).
+                let redis = [System::Redis, System::RedisFreshKeys]
+                    .iter()
+                    .filter_map(|&r| v.find(r, op, size))
+                    .max_by(|a, b| a.ops_per_s.total_cmp(&b.ops_per_s));
+                let (Some(store), Some(redis)) = (v.find(system, op, size), redis) else {
                     continue;
                 };
                 let target = match (op, system) {
@@ -194,11 +232,28 @@ fn versus_items(v: &VersusResult, settings: &Settings, items: &mut Vec<Item>) {
                     value: ratio(store.ops_per_s, redis.ops_per_s),
                     target,
                     detail: format!(
-                        "{:.0} vs {:.0} op/s; p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
-                        store.ops_per_s, redis.ops_per_s, store.p50_us, redis.p50_us, store.p99_us, redis.p99_us
+                        "{:.0} vs {:.0} op/s ({}); p50 {:.0} vs {:.0} us, p99 {:.0} vs {:.0} us",
+                        store.ops_per_s,
+                        redis.ops_per_s,
+                        redis.system,
+                        store.p50_us,
+                        redis.p50_us,
+                        store.p99_us,
+                        redis.p99_us
                     ),
                 });
             }
+        }
+        if let (Some(c), Some(r)) = (v.find(System::ControlPath, Op::Get, size), v.find(System::Redis, Op::Get, size)) {
+            items.push(Item {
+                key: format!("store_control_path_only_get_vs_redis_{t}"),
+                value: ratio(c.ops_per_s, r.ops_per_s),
+                target: None,
+                detail: format!(
+                    "{:.0} vs {:.0} op/s: the master round trips alone, no bytes",
+                    c.ops_per_s, r.ops_per_s
+                ),
+            });
         }
         for (system, data, tname) in
             [(System::StoreShm, System::DataPathShm, "shm"), (System::StoreTcp, System::DataPathTcp, "tcp")]
@@ -221,7 +276,10 @@ fn standard_notes(out: &Outcome) -> Vec<String> {
          each repetition of a system runs right after its baseline's."
             .to_owned(),
         "shm: headline ratios use copy_threads = 1, like for like with the single-threaded memcpy loop; \
-         *_default_config_* use the store's default ShmConfig (2 copy threads above 8 MiB batches)."
+         *_default_config_* use the store's default ShmConfig (see settings.shm_default_config). Segment \
+         offsets and buffers are page-aligned on both sides; *_into_malloc_offset_buffer_* reads into a buffer \
+         16 bytes into a page (where glibc malloc puts large allocations), where glibc's memcpy itself can be \
+         several times slower ((dst - src) mod 4096 in 1..64 defeats rep movsb on some AMD CPUs)."
             .to_owned(),
         "tcp: the raw baseline is the faster of a blocking-socket pair on two threads and a tokio pair, \
          one connection, 4 MiB writes, read_exact into a buffer; the data server runs in this process."
@@ -232,15 +290,34 @@ fn standard_notes(out: &Outcome) -> Vec<String> {
             "store vs redis: the store's master, storage node and clients all run in this process (one tokio \
              runtime); redis-server is a separate process. Redis is driven by this bench's own RESP client \
              (one outstanding request per connection, no pipelining), the same task shape as the store clients; \
-             redis-benchmark figures are a cross-check only. CPU per op counts this process plus redis-server."
+             redis-benchmark figures are a cross-check only. CPU per op counts this process plus redis-server. \
+             Store puts write fresh keys into DRAM the node has already touched; `redis` puts overwrite keys \
+             (memory Redis already has), `redis_fresh_keys` puts new keys; put ratios use the faster of the two."
                 .to_owned(),
         );
         notes.push(
             "store_*_data_path_only = transport read + checksum with locations resolved beforehand (no master); \
              store_control_path_only = the two master round trips of each call (GetReplicas+ReleaseLease, \
-             PutStart+PutEnd) without moving bytes."
+             PutStart+PutEnd, both awaited) without moving bytes; store_get_replicas_only = GetReplicas alone. \
+             The breakdown times each phase with one client; ReleaseLease is timed as its own round trip even \
+             where the client sends it off the caller's path."
                 .to_owned(),
         );
+    }
+    let stalled: Vec<String> = out
+        .versus
+        .iter()
+        .flat_map(|v| &v.workloads)
+        .filter(|w| w.system.starts_with("store") && w.delayed_ack_stall_share > 0.25)
+        .map(|w| format!("{} {} {}", w.system, w.op, size_tag(w.value_bytes)))
+        .collect();
+    if !stalled.is_empty() {
+        notes.push(format!(
+            "Most operations of {} took 38-48 ms: stalls on the 40 ms delayed-ACK timer, the signature of \
+             Nagle's algorithm on a socket without TCP_NODELAY. The master's gRPC server accepts through \
+             serve_with_incoming_shutdown(TcpListenerStream), for which tonic ignores tcp_nodelay.",
+            stalled.join(", ")
+        ));
     }
     notes
 }
@@ -279,6 +356,10 @@ fn to_json(
         m.insert("transparent_hugepages".into(), thp_settings());
         m.insert("load_average_before".into(), json!(out.load_before));
         m.insert("load_average_after".into(), json!(out.load_after));
+        m.insert("machine_busy_cpu_secs".into(), json!(out.machine_busy_cpu_secs.map(round)));
+        m.insert("bench_cpu_secs_with_children".into(), round(out.bench_cpu_secs));
+        m.insert("redis_server_cpu_secs".into(), json!(out.versus.as_ref().and_then(|v| v.redis_cpu_secs).map(round)));
+        m.insert("other_processes_cpu_secs".into(), json!(out.other_cpu_secs.map(round)));
     }
     let errors: Map<String, Value> = out.errors.iter().map(|(s, e)| ((*s).to_owned(), json!(e))).collect();
     json!({
@@ -290,7 +371,11 @@ fn to_json(
         "targets_met": met,
         "targets_total": total,
         "errors": errors,
-        "shm": out.shm.as_ref().map(|p| json!({ "settings": settings.shm, "points": p })),
+        "shm": out.shm.as_ref().map(|p| json!({
+            "settings": settings.shm,
+            "shm_default_config": ShmConfig::default(),
+            "points": p,
+        })),
         "tcp": out.tcp.as_ref().map(|t| json!({ "settings": settings.tcp, "result": t })),
         "store_vs_redis": out.versus.as_ref().map(|v| json!({
             "settings": settings.versus,
@@ -322,13 +407,15 @@ fn render(
 ) -> String {
     let mut s = String::new();
     let load = |l: Option<[f64; 3]>| l.map_or("?".to_owned(), |l| format!("{:.2}", l[0]));
+    let other = out.other_cpu_secs.map_or("?".to_owned(), |o| format!("{o:.1}"));
     let _ = writeln!(
         s,
-        "kvstore bench ({}), {:.0} s, load {} -> {} (1 min), segments in {}",
+        "kvstore bench ({}), {:.0} s, load {} -> {} (1 min), other processes' CPU {} s, segments in {}",
         if cfg.quick { "quick" } else { "full" },
         out.secs,
         load(out.load_before),
         load(out.load_after),
+        other,
         out.shm_dir.display()
     );
     let _ = writeln!(s, "\n{:<44} {:>7}  {:>7}  {:<4} details", "ratio", "value", "target", "met");
@@ -398,7 +485,7 @@ fn render_versus(s: &mut String, v: &VersusResult) {
         let _ = writeln!(
             s,
             "  {} {:>4}: get = GetReplicas {:.0} + transfer {:.0} + checksum {:.0} + ReleaseLease {:.0} \
-             (master {:.0}%; client {:.0}, redis {}); null rpc {:.0}",
+             (master {:.0}%; client {:.0}, redis {}); null rpc {:.0}, tcp ping {:.0}, redis ping {}",
             b.transport,
             size_tag(b.value_bytes),
             b.get.get_replicas_us,
@@ -408,7 +495,9 @@ fn render_versus(s: &mut String, v: &VersusResult) {
             b.get.master_share * 100.0,
             b.get.client_get_into_us,
             redis(b.get.redis_get_us),
-            b.null_rpc_us
+            b.null_rpc_us,
+            b.tcp_ping_us,
+            redis(b.redis_ping_us)
         );
         let _ = writeln!(
             s,
@@ -456,11 +545,12 @@ fn render_eviction(s: &mut String, e: &EvictionResult) {
         let _ = writeln!(s, "{:<10} {:>8} {:>9.3} {:>15.3}", "belady", c.dram_blocks, c.belady, c.belady_tiered);
         let _ = writeln!(
             s,
-            "{:<10} {:>8} {:>9} {:>15}",
+            "{:<10} {:>8} {:>9} {:>15}   (lru here - README: {:+.4})",
             "README",
             c.dram_blocks,
             format!("lru {:.3}", c.readme_lru),
-            format!("belady {:.3}", c.readme_belady)
+            format!("belady {:.3}", c.readme_belady),
+            c.lru_minus_readme
         );
     }
 }

@@ -41,9 +41,19 @@ impl ShmDir {
 
 /// CPU seconds (user + system) this process has used so far, all threads.
 pub fn self_cpu_secs() -> f64 {
+    rusage_secs(libc::RUSAGE_SELF)
+}
+
+/// CPU seconds (user + system) of this process's children that have ended
+/// and been waited for (redis-server, redis-benchmark).
+pub fn children_cpu_secs() -> f64 {
+    rusage_secs(libc::RUSAGE_CHILDREN)
+}
+
+fn rusage_secs(who: libc::c_int) -> f64 {
     let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
     // SAFETY: `usage` is a valid, writable `rusage`; getrusage only writes it.
-    let rc = unsafe { libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()) };
+    let rc = unsafe { libc::getrusage(who, usage.as_mut_ptr()) };
     if rc != 0 {
         return 0.0;
     }
@@ -65,6 +75,19 @@ pub fn pid_cpu_secs(pid: u32) -> Option<f64> {
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
+}
+
+/// CPU seconds all processes of the machine have spent in user and system
+/// mode since boot, from `/proc/stat` (interrupt time, which the kernel
+/// charges to no process, is left out).
+pub fn machine_busy_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).map_while(|f| f.parse().ok()).collect();
+    // user nice system idle iowait irq softirq ...
+    let busy = fields.first()? + fields.get(1)? + fields.get(2)?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    Some(busy as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
 /// The 1, 5 and 15 minute load averages.
@@ -136,9 +159,9 @@ pub fn percentile(xs: &[f64], q: f64) -> f64 {
 
 /// A short label of a power-of-two byte size: `64k`, `2m`.
 pub fn size_tag(bytes: usize) -> String {
-    if bytes >= 1 << 20 && bytes % (1 << 20) == 0 {
+    if bytes >= 1 << 20 && bytes.is_multiple_of(1 << 20) {
         format!("{}m", bytes >> 20)
-    } else if bytes % 1024 == 0 {
+    } else if bytes.is_multiple_of(1024) {
         format!("{}k", bytes >> 10)
     } else {
         format!("{bytes}b")
@@ -185,5 +208,6 @@ mod tests {
         std::hint::black_box(x);
         assert!(self_cpu_secs() > before);
         assert!(pid_cpu_secs(std::process::id()).is_some());
+        assert!(machine_busy_secs().is_some_and(|b| b > 0.0));
     }
 }

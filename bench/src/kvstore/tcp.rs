@@ -2,7 +2,8 @@
 //!
 //! A [`DataServer`] in this process serves one shared-memory segment; a
 //! [`TcpTransport`] reads large batches of blocks from it into caller
-//! buffers (and writes them back) with 1, 2 and 4 stripes. The baseline is
+//! buffers (and writes them back) with 1, 2 and 4 stripes, with the
+//! store's socket buffer setting and with the kernel's autotuning. The baseline is
 //! iperf-like: one plain connection, the sender writes the same number of
 //! bytes in 4 MiB chunks and the receiver `read_exact`s them into a buffer.
 //! It runs twice, on two OS threads with blocking sockets and on tokio
@@ -16,9 +17,12 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context};
+use bytesize::ByteSize;
 use serde::Serialize;
 use tandem_kvstore::segment::Segment;
-use tandem_kvstore::transport::{DataServer, DataTarget, ReadOp, TcpConfig, TcpTransport, TransferError, Transport, WriteOp};
+use tandem_kvstore::transport::{
+    DataServer, DataTarget, ReadOp, TcpConfig, TcpTransport, TransferError, Transport, WriteOp,
+};
 use tandem_kvstore::types::Location;
 use tandem_proto::BlockKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -39,6 +43,10 @@ pub struct TcpSettings {
     pub batches_per_rep: usize,
     pub block_sizes: Vec<usize>,
     pub stripes: Vec<usize>,
+    /// SO_SNDBUF/SO_RCVBUF of the transport's sockets, client and server:
+    /// the first is the headline (the store's default); 0 = the kernel's
+    /// autotuning, as the raw blast uses.
+    pub socket_buffers: Vec<u64>,
     /// Timed repetitions (the median is reported), after one warm-up.
     pub reps: usize,
 }
@@ -48,6 +56,8 @@ pub struct TcpSettings {
 pub struct TcpRun {
     pub block_bytes: usize,
     pub stripes: usize,
+    /// Socket buffer size of client and server (0 = kernel autotuning).
+    pub socket_buffer_bytes: u64,
     pub read_gbps: f64,
     pub write_gbps: f64,
     pub read_runs_gbps: Vec<f64>,
@@ -75,14 +85,18 @@ pub struct TcpResult {
 }
 
 impl TcpResult {
-    /// The run with the best read rate for `block` bytes.
-    pub fn best_read(&self, block: usize) -> Option<&TcpRun> {
-        self.runs.iter().filter(|r| r.block_bytes == block).max_by(|a, b| a.read_gbps.total_cmp(&b.read_gbps))
+    /// The run with the best read rate for `block` bytes and socket buffers.
+    pub fn best_read(&self, block: usize, buffers: u64) -> Option<&TcpRun> {
+        self.runs_of(block, buffers).max_by(|a, b| a.read_gbps.total_cmp(&b.read_gbps))
     }
 
-    /// The run with the best write rate for `block` bytes.
-    pub fn best_write(&self, block: usize) -> Option<&TcpRun> {
-        self.runs.iter().filter(|r| r.block_bytes == block).max_by(|a, b| a.write_gbps.total_cmp(&b.write_gbps))
+    /// The run with the best write rate for `block` bytes and socket buffers.
+    pub fn best_write(&self, block: usize, buffers: u64) -> Option<&TcpRun> {
+        self.runs_of(block, buffers).max_by(|a, b| a.write_gbps.total_cmp(&b.write_gbps))
+    }
+
+    pub fn runs_of(&self, block: usize, buffers: u64) -> impl Iterator<Item = &TcpRun> {
+        self.runs.iter().filter(move |r| r.block_bytes == block && r.socket_buffer_bytes == buffers)
     }
 }
 
@@ -107,9 +121,12 @@ pub async fn run(settings: &TcpSettings, dir: &Path) -> anyhow::Result<TcpResult
     let segment = Arc::new(Segment::create(&path, batch as u64, true).context("creating the bench segment")?);
     segment.write_at(0, &filled(batch, 11)).context("filling the bench segment")?;
     let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
-    let server = DataServer::bind(loopback, Arc::new(OneSegment(segment.clone())), TcpConfig::default())
-        .await
-        .context("starting the data server")?;
+    let mut servers = Vec::with_capacity(settings.socket_buffers.len());
+    for &buffers in &settings.socket_buffers {
+        let cfg = TcpConfig { socket_buffer_bytes: ByteSize::b(buffers), ..TcpConfig::default() };
+        let target = Arc::new(OneSegment(segment.clone()));
+        servers.push((buffers, DataServer::bind(loopback, target, cfg).await.context("starting a data server")?));
+    }
     let mut caller = filled(batch, 12);
 
     let mut std_blast = StdBlast::start().context("starting the raw blocking-socket blast")?;
@@ -117,12 +134,13 @@ pub async fn run(settings: &TcpSettings, dir: &Path) -> anyhow::Result<TcpResult
     let mut raw_runs: [Vec<f64>; 4] = Default::default();
     let mut runs = Vec::new();
     for &block in &settings.block_sizes {
-        if block == 0 || batch % block != 0 {
+        if block == 0 || !batch.is_multiple_of(block) {
             bail!("block size {block} must divide the batch ({batch} bytes)");
         }
-        for &stripes in &settings.stripes {
-            eprintln!("[kvstore bench]   tcp: {} KiB blocks, {stripes} stripe(s)", block >> 10);
-            let cfg = TcpConfig { stripes, ..TcpConfig::default() };
+        for ((buffers, server), &stripes) in servers.iter().flat_map(|s| settings.stripes.iter().map(move |n| (s, n))) {
+            let what = if *buffers == 0 { "autotuned".to_owned() } else { ByteSize::b(*buffers).to_string() };
+            eprintln!("[kvstore bench]   tcp: {} KiB blocks, {stripes} stripe(s), {what} socket buffers", block >> 10);
+            let cfg = TcpConfig { stripes, socket_buffer_bytes: ByteSize::b(*buffers), ..TcpConfig::default() };
             let transport = TcpTransport::new(server.local_addr(), cfg);
             let (mut reads, mut writes) = (Vec::new(), Vec::new());
             for rep in 0..=settings.reps {
@@ -160,6 +178,7 @@ pub async fn run(settings: &TcpSettings, dir: &Path) -> anyhow::Result<TcpResult
             runs.push(TcpRun {
                 block_bytes: block,
                 stripes,
+                socket_buffer_bytes: *buffers,
                 read_gbps: median(&reads),
                 write_gbps: median(&writes),
                 read_runs_gbps: reads,
@@ -168,7 +187,9 @@ pub async fn run(settings: &TcpSettings, dir: &Path) -> anyhow::Result<TcpResult
         }
     }
     std_blast.stop();
-    server.shutdown().await;
+    for (_, server) in servers {
+        server.shutdown().await;
+    }
     let m: Vec<f64> = raw_runs.iter().map(|r| if r.is_empty() { 0.0 } else { median(r) }).collect();
     Ok(TcpResult {
         raw_std_recv_gbps: m[0],

@@ -1,16 +1,21 @@
 //! Stage 3: the store against Redis, one key per call at the same
 //! concurrency, for each value size.
 //!
-//! Both sides run the same client tasks ([`super::workers`]): puts write
-//! fresh keys (the store does not rewrite a key it has; Redis gets new keys
-//! too), gets read a pre-populated set in a seeded random order that is the
-//! same for every system. The store runs in this process (master, one
+//! Both sides run the same client tasks ([`super::workers`]): store puts
+//! write fresh keys (the store does not rewrite a key it has) into DRAM it
+//! has already touched (removed after each repetition, reused by the next);
+//! Redis puts overwrite the previous repetition's keys, which likewise
+//! reuses memory Redis already has (fresh Redis keys, which make Redis
+//! allocate and fault in new memory, run as `redis_fresh_keys`). Gets read
+//! a pre-populated set in a seeded random order that is the same for every
+//! system. The store runs in this process (master, one
 //! storage node, clients); Redis is a separate `redis-server` process.
 //!
 //! Besides the real clients over shm and tcp, two partial systems show
 //! where the store's time goes under load: the data path alone (transport
 //! read + checksum, locations resolved beforehand) and the control path
-//! alone (the two master round trips of each call, no bytes moved).
+//! alone (the two master round trips of each call, no bytes moved; for
+//! gets also `GetReplicas` alone).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -71,7 +76,11 @@ impl VersusSettings {
 /// The systems driven.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum System {
+    /// Redis; puts overwrite keys of the previous repetition, so that
+    /// Redis writes into memory it already has (as the store does).
     Redis,
+    /// Redis puts of fresh keys (new allocations every time).
+    RedisFreshKeys,
     StoreShm,
     StoreTcp,
     /// Transport read + checksum, no master (gets only).
@@ -79,17 +88,21 @@ pub enum System {
     DataPathTcp,
     /// Master round trips only, no bytes.
     ControlPath,
+    /// `GetReplicas` only (no `ReleaseLease`), no bytes (gets only).
+    GetReplicasOnly,
 }
 
 impl System {
     pub fn name(self) -> &'static str {
         match self {
             System::Redis => "redis",
+            System::RedisFreshKeys => "redis_fresh_keys",
             System::StoreShm => "store_shm",
             System::StoreTcp => "store_tcp",
             System::DataPathShm => "store_shm_data_path_only",
             System::DataPathTcp => "store_tcp_data_path_only",
             System::ControlPath => "store_control_path_only",
+            System::GetReplicasOnly => "store_get_replicas_only",
         }
     }
 }
@@ -113,6 +126,7 @@ impl Op {
 /// Each repetition runs these, in this order.
 const PLAN: &[(System, Op)] = &[
     (System::Redis, Op::Put),
+    (System::RedisFreshKeys, Op::Put),
     (System::Redis, Op::Get),
     (System::StoreShm, Op::Put),
     (System::StoreShm, Op::Get),
@@ -121,6 +135,7 @@ const PLAN: &[(System, Op)] = &[
     (System::DataPathShm, Op::Get),
     (System::DataPathTcp, Op::Get),
     (System::ControlPath, Op::Get),
+    (System::GetReplicasOnly, Op::Get),
     (System::ControlPath, Op::Put),
 ];
 
@@ -138,6 +153,10 @@ pub struct WorkloadResult {
     pub p99_us: f64,
     /// CPU (this process, plus redis-server for Redis) per operation.
     pub cpu_us_per_op: f64,
+    /// Share of operations (all repetitions) that took 38-48 ms: the
+    /// signature of a stall on Linux's 40 ms delayed-ACK timer (Nagle's
+    /// algorithm on a socket without TCP_NODELAY).
+    pub delayed_ack_stall_share: f64,
     pub runs_ops_per_s: Vec<f64>,
     pub runs_p50_us: Vec<f64>,
     pub runs_p99_us: Vec<f64>,
@@ -155,6 +174,8 @@ pub struct VersusResult {
     pub breakdown: Vec<Breakdown>,
     /// `redis-benchmark` lines per value size, when run.
     pub redis_benchmark: Vec<(usize, Vec<RedisBenchmarkLine>)>,
+    /// CPU seconds redis-server used in all (it is not this process).
+    pub redis_cpu_secs: Option<f64>,
 }
 
 impl VersusResult {
@@ -181,6 +202,7 @@ pub async fn run(settings: &VersusSettings, shm_dir: &Path, work_dir: &Path) -> 
         workloads: std::mem::take(&mut bench.results),
         breakdown: std::mem::take(&mut bench.breakdowns),
         redis_benchmark: std::mem::take(&mut bench.redis_benchmark),
+        redis_cpu_secs: redis.as_ref().and_then(RedisServer::cpu_secs),
     };
     if let Some(e) = bench.redis_failure.take() {
         result.redis_unavailable = Some(e);
@@ -193,6 +215,7 @@ pub async fn run(settings: &VersusSettings, shm_dir: &Path, work_dir: &Path) -> 
 
 /// The get set of one value size.
 struct GetSet {
+    value_bytes: usize,
     keys: Vec<BlockKey>,
     redis_keys: Vec<Vec<u8>>,
     resolved: Vec<Resolved>,
@@ -332,19 +355,29 @@ impl<'a> Bench<'a> {
                 conn.set(k, &values[i % values.len()]).await.context("populating redis")?;
             }
         }
-        Ok(GetSet { keys, redis_keys, resolved })
+        Ok(GetSet { value_bytes: size, keys, redis_keys, resolved })
     }
 
     async fn depopulate(&mut self, set: &GetSet) -> anyhow::Result<()> {
         for chunk in set.keys.chunks(ADMIN_BATCH) {
             self.admin()?.remove(chunk).await?;
         }
+        let overwritten: Vec<Vec<u8>> = self.overwrite_keys(set.value_bytes).into_iter().flatten().collect();
         if let Some(conn) = self.redis_conns.as_mut().and_then(|c| c.first_mut()) {
-            for chunk in set.redis_keys.chunks(ADMIN_BATCH) {
+            for chunk in set.redis_keys.chunks(ADMIN_BATCH).chain(overwritten.chunks(ADMIN_BATCH)) {
                 conn.del(chunk).await?;
             }
         }
         Ok(())
+    }
+
+    /// The keys Redis puts overwrite, one list per client: the same in
+    /// every repetition (the warm-up creates them).
+    fn overwrite_keys(&self, size: usize) -> Vec<Vec<Vec<u8>>> {
+        let per = self.settings.ops_per_client(size);
+        (0..self.settings.clients)
+            .map(|c| (0..per).map(|i| format!("o:{size}:{c}:{i}").into_bytes()).collect())
+            .collect()
     }
 
     /// Fresh put keys, one list per client.
@@ -376,11 +409,11 @@ impl<'a> Bench<'a> {
         rep: usize,
         set: &GetSet,
     ) -> anyhow::Result<Option<Measured>> {
-        if system == System::Redis {
+        if matches!(system, System::Redis | System::RedisFreshKeys) {
             if self.redis_failure.is_some() || self.redis_conns.is_none() {
                 return Ok(None);
             }
-            return match self.redis_one(op, size, rep, set).await {
+            return match self.redis_one(system, op, size, rep, set).await {
                 Ok(m) => Ok(Some(m)),
                 Err(e) => {
                     eprintln!("[kvstore bench]   redis failed, continuing without it: {e:#}");
@@ -427,11 +460,12 @@ impl<'a> Bench<'a> {
                 self.bufs = readers.into_iter().map(|r| r.buf).collect();
                 m
             }
-            (System::ControlPath, Op::Get) => {
+            (System::ControlPath | System::GetReplicasOnly, Op::Get) => {
                 let picks = self.get_picks(size, rep, set.keys.len());
+                let release = system == System::ControlPath;
                 let (_, m) = workers::timed(self.shm.clone(), None, |i, c, b| {
                     let keys = picks[i].iter().map(|&p| set.keys[p]).collect();
-                    tokio::spawn(workers::control_path_get(c, keys, b))
+                    tokio::spawn(workers::control_path_get(c, keys, release, b))
                 })
                 .await?;
                 m
@@ -446,31 +480,43 @@ impl<'a> Bench<'a> {
                 self.remove(&all).await?;
                 m
             }
-            (System::DataPathShm | System::DataPathTcp, Op::Put) | (System::Redis, _) => {
+            (System::DataPathShm | System::DataPathTcp | System::GetReplicasOnly, Op::Put)
+            | (System::Redis | System::RedisFreshKeys, _) => {
                 bail!("no {} {} workload", system.name(), op.name())
             }
         };
         Ok(Some(m))
     }
 
-    async fn redis_one(&mut self, op: Op, size: usize, rep: usize, set: &GetSet) -> anyhow::Result<Measured> {
+    async fn redis_one(
+        &mut self,
+        system: System,
+        op: Op,
+        size: usize,
+        rep: usize,
+        set: &GetSet,
+    ) -> anyhow::Result<Measured> {
         let pid = self.redis.map(RedisServer::pid);
         let conns = self.redis_conns.take().context("redis connections lost")?;
         match op {
             Op::Put => {
-                let mut keys: Vec<Vec<Vec<u8>>> = self
-                    .put_keys(size, rep, System::Redis)
-                    .into_iter()
-                    .map(|ks| ks.iter().map(|k| format!("p:{:016x}", k.0).into_bytes()).collect())
-                    .collect();
-                let all: Vec<Vec<u8>> = keys.iter().flatten().cloned().collect();
+                let fresh = system == System::RedisFreshKeys;
+                let mut keys: Vec<Vec<Vec<u8>>> = if fresh {
+                    let keys = self.put_keys(size, rep, system).into_iter();
+                    keys.map(|ks| ks.iter().map(|k| format!("p:{:016x}", k.0).into_bytes()).collect()).collect()
+                } else {
+                    self.overwrite_keys(size)
+                };
                 let values = self.values(size);
                 let (mut conns, m) = workers::timed(conns, pid, |i, c, b| {
-                    tokio::spawn(workers::redis_set(c, std::mem::take(&mut keys[i]), values[i].clone(), b))
+                    let keys = if fresh { std::mem::take(&mut keys[i]) } else { keys[i].clone() };
+                    tokio::spawn(workers::redis_set(c, keys, values[i].clone(), b))
                 })
                 .await?;
-                for chunk in all.chunks(ADMIN_BATCH) {
-                    conns[0].del(chunk).await?;
+                if fresh {
+                    for chunk in keys.iter().flatten().cloned().collect::<Vec<_>>().chunks(ADMIN_BATCH) {
+                        conns[0].del(chunk).await?;
+                    }
                 }
                 self.redis_conns = Some(conns);
                 Ok(m)
@@ -526,8 +572,9 @@ impl<'a> Bench<'a> {
         let Some(server) = self.redis else { return };
         let (port, clients) = (server.port, self.settings.clients);
         let requests = (self.settings.redis_benchmark_bytes / size).max(clients * 4);
-        let result =
-            tokio::task::spawn_blocking(move || redis_benchmark(port, clients, requests, size)).await.map_err(Into::into);
+        let result = tokio::task::spawn_blocking(move || redis_benchmark(port, clients, requests, size))
+            .await
+            .map_err(Into::into);
         match result.and_then(|r| r) {
             Ok(lines) => self.redis_benchmark.push((size, lines)),
             Err(e) => eprintln!("[kvstore bench]   redis-benchmark cross-check skipped: {e:#}"),
@@ -545,6 +592,8 @@ fn summarize(system: System, op: Op, size: usize, clients: usize, runs: &[Measur
     let p99: Vec<f64> = runs.iter().map(|m| percentile(&m.lat_us, 0.99)).collect();
     let cpu: Vec<f64> = runs.iter().map(|m| m.cpu_secs * 1e6 / m.ops.max(1) as f64).collect();
     let ops = median(&ops_per_s);
+    let all: usize = runs.iter().map(|m| m.lat_us.len()).sum();
+    let stalled = runs.iter().flat_map(|m| &m.lat_us).filter(|&&l| (38_000.0..48_000.0).contains(&l)).count();
     WorkloadResult {
         system: system.name(),
         op: op.name(),
@@ -556,6 +605,7 @@ fn summarize(system: System, op: Op, size: usize, clients: usize, runs: &[Measur
         p50_us: median(&p50),
         p99_us: median(&p99),
         cpu_us_per_op: median(&cpu),
+        delayed_ack_stall_share: stalled as f64 / all.max(1) as f64,
         runs_ops_per_s: ops_per_s,
         runs_p50_us: p50,
         runs_p99_us: p99,

@@ -153,10 +153,14 @@ pub async fn data_path_get(
 }
 
 /// The store's control path alone for a get: `GetReplicas` and
-/// `ReleaseLease`, the two master round trips of every `get_into`.
+/// `ReleaseLease`, the two master round trips of every `get_into`. Without
+/// `release`, only `GetReplicas`, asking for a 1 ms lease that the master
+/// expires by itself: what a client that did not wait for (or batched) its
+/// lease releases would pay.
 pub async fn control_path_get(
     client: Arc<StoreClient>,
     keys: Vec<BlockKey>,
+    release: bool,
     barrier: Arc<Barrier>,
 ) -> anyhow::Result<(Arc<StoreClient>, Vec<f64>)> {
     barrier.wait().await;
@@ -164,9 +168,12 @@ pub async fn control_path_get(
     let mut lat = Vec::with_capacity(keys.len());
     for key in keys {
         let start = Instant::now();
-        let req = pb::GetReplicasRequest { keys: vec![key.0], lease_ms: 0 };
+        let req = pb::GetReplicasRequest { keys: vec![key.0], lease_ms: if release { 0 } else { 1 } };
         let reply = master.get_replicas(req).await.context("GetReplicas")?.into_inner();
-        master.release_lease(pb::ReleaseLeaseRequest { lease_id: reply.lease_id }).await.context("ReleaseLease")?;
+        if release {
+            let req = pb::ReleaseLeaseRequest { lease_id: reply.lease_id };
+            master.release_lease(req).await.context("ReleaseLease")?;
+        }
         lat.push(micros(start));
         if !reply.entries.first().is_some_and(|e| e.found) {
             bail!("GetReplicas missed a stored key");

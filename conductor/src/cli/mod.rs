@@ -1,6 +1,7 @@
 //! The `tandem` command line: one module per subcommand, each a thin layer
 //! over the crate that does the work.
 
+mod bench;
 mod generate;
 pub mod kvstore;
 mod model;
@@ -13,6 +14,7 @@ use clap::{Parser, Subcommand};
 /// Run a model locally:   tandem generate --model smollm2 --chat --prompt "Hi!"
 /// Fetch a known model:   tandem model fetch smollm2
 /// Run a KV store:        tandem kvstore master --config etc/cluster.toml
+/// Benchmark the store:   tandem bench kvstore --quick
 #[derive(Debug, Parser)]
 #[command(name = "tandem", version, about, long_about, propagate_version = true)]
 pub struct Cli {
@@ -35,6 +37,9 @@ pub enum Command {
     /// Run and inspect the KV block store (master, storage nodes, keys).
     #[command(subcommand)]
     Kvstore(kvstore::KvstoreCommand),
+    /// Benchmarks reported as ratios against same-run baselines.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 /// Runs the parsed command.
@@ -44,6 +49,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(*args),
         Command::Model(cmd) => model::run(cmd),
         Command::Kvstore(cmd) => kvstore::run(cmd),
+        Command::Bench(cmd) => bench::run(cmd),
     }
 }
 

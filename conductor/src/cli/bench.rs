@@ -1,0 +1,85 @@
+//! `tandem bench …`: system benchmarks that report ratios against baselines
+//! measured in the same run. The work is in the `tandem-bench` crate.
+
+use std::path::PathBuf;
+
+use anyhow::bail;
+use clap::{Args, Subcommand};
+use tandem_bench::kvstore::{self, KvBenchConfig, Stage};
+
+/// Benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Benchmark the KV block store against physical baselines and Redis.
+    ///
+    /// Four stages, each a ratio against a baseline measured in the same
+    /// run (medians of repetitions):
+    ///
+    ///   shm       shm transport read/write GB/s vs a memcpy loop of the same
+    ///             bytes, 64 KiB to 4 MiB blocks (target >= 0.7);
+    ///   tcp       tcp transport read GB/s vs a raw tcp blast on loopback,
+    ///             1 and 4 MiB blocks, 1/2/4 stripes (target >= 0.8);
+    ///   redis     store put/get throughput and latency vs redis-server, one
+    ///             key per call, 256 KiB and 2 MiB values, over shm and tcp
+    ///             (targets: get >= 3x Redis over shm, >= 1x over tcp), plus
+    ///             where the store's time goes;
+    ///   eviction  hit ratios of every eviction policy replaying the Mooncake
+    ///             trace at 1k/10k/30k blocks, DRAM only and with SSD, vs
+    ///             LRU's published numbers, the infinite cache and Belady.
+    ///
+    /// The store runs in this process; redis-server is started on a free
+    /// loopback port and stopped at the end (without it the store numbers
+    /// are reported alone). Progress goes to stderr, the table to stdout,
+    /// the JSON to bench/results/kvstore.json (or --json).
+    ///
+    /// Example: tandem bench kvstore --quick --json /tmp/kvstore.json
+    Kvstore(KvstoreBenchArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct KvstoreBenchArgs {
+    /// Fewer, smaller repetitions: finishes well under a minute, noisier.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON result (default: bench/results/kvstore.json).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// Run only these stages (comma-separated).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    only: Vec<Stage>,
+    /// Mooncake trace for the eviction stage.
+    #[arg(long, value_name = "FILE", default_value_os_t = kvstore::default_trace())]
+    trace: PathBuf,
+    /// Directory for segment files (default: /dev/shm, else a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    shm_dir: Option<PathBuf>,
+    /// Concurrent clients of the redis stage (the same for Redis and the store).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=256))]
+    clients: u16,
+    /// Timed repetitions per measurement (default: 5 or 7 full, 3 with --quick).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=100))]
+    reps: Option<u16>,
+}
+
+pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
+    match cmd {
+        BenchCommand::Kvstore(args) => {
+            let cfg = KvBenchConfig {
+                quick: args.quick,
+                stages: args.only,
+                trace: args.trace,
+                shm_dir: args.shm_dir,
+                clients: usize::from(args.clients),
+                reps: args.reps.map(usize::from),
+            };
+            let report = kvstore::run(&cfg)?;
+            print!("{}", report.table);
+            let path = report.write(args.json.as_deref())?;
+            eprintln!("wrote {}", path.display());
+            if !report.failed_stages.is_empty() {
+                bail!("stages failed: {} (see the report)", report.failed_stages.join(", "));
+            }
+            Ok(())
+        }
+    }
+}
