@@ -77,14 +77,15 @@ pub fn pid_cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / if hz > 0 { hz as f64 } else { 100.0 })
 }
 
-/// CPU seconds all processes of the machine have spent in user and system
-/// mode since boot, from `/proc/stat` (interrupt time, which the kernel
-/// charges to no process, is left out).
+/// CPU seconds the machine has spent busy since boot (user, nice, system,
+/// irq, softirq), from `/proc/stat`. Interrupt time counts: the kernel
+/// samples it apart from user and system time, yet a process's own usage
+/// includes the softirq work (loopback tcp) done on its behalf.
 pub fn machine_busy_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
     let fields: Vec<u64> = stat.lines().next()?.split_whitespace().skip(1).map_while(|f| f.parse().ok()).collect();
     // user nice system idle iowait irq softirq ...
-    let busy = fields.first()? + fields.get(1)? + fields.get(2)?;
+    let busy = fields.first()? + fields.get(1)? + fields.get(2)? + fields.get(5)? + fields.get(6)?;
     // SAFETY: sysconf has no preconditions.
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
     Some(busy as f64 / if hz > 0 { hz as f64 } else { 100.0 })
