@@ -234,7 +234,7 @@ fn round_trips_bad_input_and_leases_on_a_three_process_cluster() {
         let out = client.put(&[(BlockKey(77), &big)]).await.unwrap();
         assert!(matches!(&out[0], PutOutcome::Failed(why) if why.contains("larger")), "{out:?}");
         // A buffer too small for the block is a miss, not a truncated read.
-        let mut small = vec![0u8; 10];
+        let mut small = [0u8; 10];
         assert_eq!(client.get_into(&[BlockKey(2_000_000)], &mut [&mut small[..]]).await.unwrap(), vec![None]);
         cluster.assert_clean();
 
