@@ -15,17 +15,20 @@ pub enum BenchCommand {
     /// Four stages, each a ratio against a baseline measured in the same
     /// run (medians of repetitions):
     ///
-    ///   shm       shm transport read/write GB/s vs a memcpy loop of the same
-    ///             bytes, 64 KiB to 4 MiB blocks (target >= 0.7);
-    ///   tcp       tcp transport read GB/s vs a raw tcp blast on loopback,
-    ///             1 and 4 MiB blocks, 1/2/4 stripes (target >= 0.8);
-    ///   redis     store put/get throughput and latency vs redis-server, one
-    ///             key per call, 256 KiB and 2 MiB values, over shm and tcp
-    ///             (targets: get >= 3x Redis over shm, >= 1x over tcp), plus
-    ///             where the store's time goes;
-    ///   eviction  hit ratios of every eviction policy replaying the Mooncake
-    ///             trace at 1k/10k/30k blocks, DRAM only and with SSD, vs
-    ///             LRU's published numbers, the infinite cache and Belady.
+    /// shm: shm transport read/write GB/s vs a memcpy loop of the same
+    /// bytes, 64 KiB to 4 MiB blocks (target >= 0.7).
+    ///
+    /// tcp: tcp transport read GB/s vs a raw tcp blast on loopback, 1 and
+    /// 4 MiB blocks, 1/2/4 stripes (target >= 0.8).
+    ///
+    /// redis: store put/get throughput and latency vs redis-server, one key
+    /// per call, 256 KiB and 2 MiB values, over shm and tcp (targets: get
+    /// >= 3x Redis over shm, >= 1x over tcp), plus where the store's time
+    /// goes.
+    ///
+    /// eviction: hit ratios of every eviction policy replaying the Mooncake
+    /// trace at 1k/10k/30k blocks, DRAM only and with SSD, vs LRU's
+    /// published numbers, the infinite cache and Belady.
     ///
     /// The store runs in this process; redis-server is started on a free
     /// loopback port and stopped at the end (without it the store numbers
