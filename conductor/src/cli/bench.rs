@@ -22,8 +22,8 @@ pub enum BenchCommand {
     /// 4 MiB blocks, 1/2/4 stripes (target >= 0.8).
     ///
     /// redis: store put/get throughput and latency vs redis-server, one key
-    /// per call, 256 KiB and 2 MiB values, over shm and tcp (targets: get
-    /// >= 3x Redis over shm, >= 1x over tcp), plus where the store's time
+    /// per call, 256 KiB and 2 MiB values, over shm and tcp (targets: get at
+    /// least 3x Redis over shm and 1x over tcp), plus where the store's time
     /// goes.
     ///
     /// eviction: hit ratios of every eviction policy replaying the Mooncake
