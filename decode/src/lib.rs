@@ -1,7 +1,80 @@
-//! Tandem's decode worker (DESIGN.md §2, step 5): fetches a request's KV
-//! blocks from the store into its paged pool, joins the continuous batch
-//! and streams tokens back.
+//! Tandem's decode worker (DESIGN.md §2, step 5).
 //!
-//! The worker service arrives with the disaggregated-serving issue; today
-//! this crate only fixes its place in the crate graph (model, kvstore,
-//! proto).
+//! A handoff arrives over gRPC ([`service`]); the worker reads the
+//! request's blocks from the store on the async runtime while the engine
+//! thread ([`engine`]) keeps decoding the running batch (prefetch), then
+//! the request joins the **continuous batch**: every step advances every
+//! running sequence by one token and streams it to its caller. Blocks that
+//! fill during decoding are written back to the store, so the next turn of
+//! a conversation hits the cache. When KV pages run out, the most recently
+//! admitted sequence is preempted: its full blocks are in the store, its
+//! partial block is kept, and it re-joins after a fresh fetch (anything
+//! the store lost is recomputed).
+
+pub mod engine;
+pub mod service;
+pub mod wire;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+pub use service::{serve, DecodeHandle};
+
+/// One `[[decode]]` entry of the cluster file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DecodeConfig {
+    pub name: String,
+    /// gRPC address (prefill nodes hand off to it).
+    pub listen: SocketAddr,
+    /// Memory for the paged KV pool of the running batch.
+    pub kv_memory: ByteSize,
+    /// Most sequences decoding together.
+    pub max_batch: usize,
+    /// Handoffs waiting for pages beyond this are refused.
+    pub max_waiting: usize,
+    /// Token budget of one forward pass when recomputing blocks the store
+    /// lost.
+    pub chunk_tokens: usize,
+    /// Compute threads (0: all cores).
+    pub threads: usize,
+    /// Write blocks that fill during decoding back to the store.
+    pub write_back: bool,
+}
+
+impl Default for DecodeConfig {
+    fn default() -> Self {
+        Self {
+            name: "decode-0".into(),
+            listen: "127.0.0.1:7401".parse().expect("a valid address"),
+            kv_memory: ByteSize::gib(1),
+            max_batch: 64,
+            max_waiting: 1024,
+            chunk_tokens: 512,
+            threads: 0,
+            write_back: true,
+        }
+    }
+}
+
+impl DecodeConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > 64 {
+            return Err(format!("decode node name {:?} must be 1-64 bytes", self.name));
+        }
+        if self.max_batch == 0 || self.max_batch > 4096 {
+            return Err(format!("decode {}: max_batch must be in 1..=4096", self.name));
+        }
+        if self.max_waiting == 0 {
+            return Err(format!("decode {}: max_waiting must be at least 1", self.name));
+        }
+        if self.chunk_tokens == 0 || self.chunk_tokens > 65536 {
+            return Err(format!("decode {}: chunk_tokens must be in 1..=65536", self.name));
+        }
+        if self.kv_memory.as_u64() == 0 {
+            return Err(format!("decode {}: kv_memory must be positive", self.name));
+        }
+        Ok(())
+    }
+}

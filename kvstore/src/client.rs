@@ -23,7 +23,7 @@ use crate::error::StoreError;
 use crate::transport::{
     connect, local_host_id, Faults, FaultyTransport, ReadOp, TransferError, Transport, TransportConfig, WriteOp,
 };
-use crate::types::{PeerInfo, Replica};
+use crate::types::{Location, PeerInfo, Replica};
 use crate::wire;
 
 /// Client settings (`[kvstore.client]`-style tables in the cluster file).
@@ -67,6 +67,53 @@ pub enum PutOutcome {
     InProgress,
     /// Not stored: no room, too large, or a transfer failed.
     Failed(String),
+}
+
+/// A reservation made by [`StoreClient::put_begin`], to be written and
+/// then committed or aborted.
+#[derive(Debug)]
+pub struct StagedPut {
+    put_id: u64,
+    slots: Vec<StagedSlot>,
+}
+
+#[derive(Debug)]
+struct StagedSlot {
+    key: BlockKey,
+    len: u64,
+    /// `Stored` while the block is reserved and every write so far landed.
+    outcome: PutOutcome,
+    replicas: Vec<Replica>,
+}
+
+impl StagedPut {
+    /// Whether item `i` is reserved for this put and none of its writes
+    /// failed so far (false: it existed, is being written by someone else,
+    /// or failed).
+    pub fn is_writable(&self, i: usize) -> bool {
+        self.slots.get(i).is_some_and(|s| s.outcome == PutOutcome::Stored)
+    }
+
+    /// The outcome so far of item `i`.
+    pub fn outcome(&self, i: usize) -> Option<&PutOutcome> {
+        self.slots.get(i).map(|s| &s.outcome)
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+}
+
+/// One piece of a staged block: `bytes` at `offset` within item `item`.
+#[derive(Debug, Clone, Copy)]
+pub struct BlockWrite<'a> {
+    pub item: usize,
+    pub offset: u64,
+    pub bytes: &'a [u8],
 }
 
 /// Counters a client keeps (exported as metrics by its process).
@@ -182,8 +229,24 @@ impl StoreClient {
     /// One outcome per item, in order. Errors only when the master is
     /// unreachable or rejects the whole batch.
     pub async fn put(&self, items: &[(BlockKey, &[u8])]) -> Result<Vec<PutOutcome>, StoreError> {
+        let sizes: Vec<(BlockKey, u64)> = items.iter().map(|(k, b)| (*k, b.len() as u64)).collect();
+        let mut put = self.put_begin(&sizes).await?;
+        let writes: Vec<BlockWrite<'_>> =
+            items.iter().enumerate().map(|(item, (_, bytes))| BlockWrite { item, offset: 0, bytes }).collect();
+        self.put_write(&mut put, &writes).await;
+        let sums: Vec<BlockChecksum> = items.iter().map(|(_, b)| BlockChecksum::of(b)).collect();
+        self.put_commit(put, &sums).await
+    }
+
+    /// Phase one of a staged put: reserves room for each `(key, len)`.
+    /// The caller then writes each reserved block, in as many pieces as it
+    /// likes ([`StoreClient::put_write`]: prefill writes one layer at a time
+    /// while the next computes), and publishes with
+    /// [`StoreClient::put_commit`]. A reservation that is never committed
+    /// is reclaimed by the master after its put timeout.
+    pub async fn put_begin(&self, items: &[(BlockKey, u64)]) -> Result<StagedPut, StoreError> {
         let req = pb::PutStartRequest {
-            items: items.iter().map(|(k, b)| pb::PutItem { key: k.0, len: b.len() as u64 }).collect(),
+            items: items.iter().map(|(k, len)| pb::PutItem { key: k.0, len: *len }).collect(),
             replicas: self.cfg.replicas,
             prefer_node: self.cfg.prefer_node.clone().unwrap_or_default(),
         };
@@ -191,22 +254,22 @@ impl StoreClient {
         if reply.slots.len() != items.len() {
             return Err(StoreError::MasterUnavailable("put_start answered the wrong number of slots".into()));
         }
-        let mut outcomes = Vec::with_capacity(items.len());
-        // Writes grouped per (node, incarnation): (item index, replica).
-        let mut per_node: HashMap<(String, u64), Vec<(usize, Replica)>> = HashMap::new();
+        let mut slots = Vec::with_capacity(items.len());
         for (i, slot) in reply.slots.iter().enumerate() {
+            let (key, len) = items[i];
             let status = pb::PutStatus::try_from(slot.status).unwrap_or(pb::PutStatus::Unspecified);
-            outcomes.push(match status {
+            let mut replicas = Vec::new();
+            let outcome = match status {
                 pb::PutStatus::Reserved => {
                     for p in &slot.placements {
-                        match wire::replica_from_pb(items[i].0, p.clone()) {
-                            Ok(r) if r.len == items[i].1.len() as u64 => {
-                                per_node.entry((r.node.clone(), r.incarnation)).or_default().push((i, r))
-                            }
+                        match wire::replica_from_pb(key, p.clone()) {
+                            Ok(r) if r.len == len && matches!(r.location, Location::Dram { .. }) => replicas.push(r),
                             _ => {
+                                // Give the reservation back before failing the batch.
+                                let _ = self.master.clone().put_revoke(pb::PutRevokeRequest { put_id: reply.put_id }).await;
                                 return Err(StoreError::MasterUnavailable(
                                     "put_start gave a malformed placement".into(),
-                                ))
+                                ));
                             }
                         }
                     }
@@ -217,42 +280,101 @@ impl StoreClient {
                 pb::PutStatus::NoSpace => PutOutcome::Failed("no space in the store".into()),
                 pb::PutStatus::TooLarge => PutOutcome::Failed("block larger than the store accepts".into()),
                 pb::PutStatus::Unspecified => PutOutcome::Failed("unknown put status".into()),
-            });
-        }
-        let writes = per_node.into_iter().map(|((node, incarnation), group)| async move {
-            let peer = match self.peer(&node, incarnation).await {
-                Ok(p) => p,
-                Err(e) => return group.into_iter().map(|(i, _)| (i, Err(e.clone()))).collect::<Vec<_>>(),
             };
-            let ops: Vec<WriteOp<'_>> =
-                group.iter().map(|(i, r)| WriteOp { dst: r.location, src: items[*i].1 }).collect();
-            let results = peer.transport.write(&ops).await;
-            group.iter().map(|(i, _)| *i).zip(results).collect()
-        });
-        for (i, result) in futures::future::join_all(writes).await.into_iter().flatten() {
-            if let Err(e) = result {
-                outcomes[i] = PutOutcome::Failed(format!("write failed: {e}"));
+            slots.push(StagedSlot { key, len, outcome, replicas });
+        }
+        Ok(StagedPut { put_id: reply.put_id, slots })
+    }
+
+    /// Writes pieces of reserved blocks to every replica. A piece of a block
+    /// that was not reserved (it existed, or is being written by another
+    /// client) is skipped; a failed piece fails its block, which
+    /// [`StoreClient::put_commit`] then leaves unpublished. Never errors as
+    /// a whole: failures are recorded per block.
+    pub async fn put_write(&self, put: &mut StagedPut, writes: &[BlockWrite<'_>]) {
+        let mut per_node: HashMap<(String, u64), Vec<(usize, WriteOp<'_>)>> = HashMap::new();
+        for w in writes {
+            let Some(slot) = put.slots.get_mut(w.item) else { continue };
+            if slot.outcome != PutOutcome::Stored {
+                continue;
+            }
+            let end = w.offset.checked_add(w.bytes.len() as u64);
+            if end.is_none_or(|e| e > slot.len) {
+                slot.outcome = PutOutcome::Failed(format!(
+                    "a write of {} bytes at {} overruns a block of {}",
+                    w.bytes.len(),
+                    w.offset,
+                    slot.len
+                ));
+                continue;
+            }
+            for r in &slot.replicas {
+                let Location::Dram { segment, offset } = r.location else { continue };
+                let dst = Location::Dram { segment, offset: offset + w.offset };
+                per_node.entry((r.node.clone(), r.incarnation)).or_default().push((w.item, WriteOp { dst, src: w.bytes }));
             }
         }
-        let done: Vec<pb::PutDone> = outcomes
+        let sends = per_node.into_iter().map(|((node, incarnation), group)| async move {
+            let (items, ops): (Vec<usize>, Vec<WriteOp<'_>>) = group.into_iter().unzip();
+            let results = match self.peer(&node, incarnation).await {
+                Ok(peer) => peer.transport.write(&ops).await,
+                Err(e) => vec![Err(e); ops.len()],
+            };
+            items.into_iter().zip(results).collect::<Vec<_>>()
+        });
+        for (item, result) in futures::future::join_all(sends).await.into_iter().flatten() {
+            if let Err(e) = result {
+                put.slots[item].outcome = PutOutcome::Failed(format!("write failed: {e}"));
+            }
+        }
+    }
+
+    /// Phase two: publishes every reserved block that was written without
+    /// error, with the checksum of its whole bytes (`checksums[i]` for item
+    /// `i`), and gives back the rest of the reservation. One outcome per
+    /// item, in order.
+    pub async fn put_commit(&self, put: StagedPut, checksums: &[BlockChecksum]) -> Result<Vec<PutOutcome>, StoreError> {
+        let mut outcomes: Vec<PutOutcome> = put.slots.iter().map(|s| s.outcome.clone()).collect();
+        if checksums.len() != outcomes.len() {
+            let _ = self.master.clone().put_revoke(pb::PutRevokeRequest { put_id: put.put_id }).await;
+            return Err(StoreError::Invalid(format!("{} checksums for {} blocks", checksums.len(), outcomes.len())));
+        }
+        let done: Vec<pb::PutDone> = put
+            .slots
             .iter()
-            .enumerate()
-            .filter(|(_, o)| **o == PutOutcome::Stored)
-            .map(|(i, _)| pb::PutDone { key: items[i].0 .0, checksum: BlockChecksum::of(items[i].1).0 })
+            .zip(checksums)
+            .filter(|(s, _)| s.outcome == PutOutcome::Stored)
+            .map(|(s, sum)| pb::PutDone { key: s.key.0, checksum: sum.0 })
             .collect();
-        let any_failed = done.len() < reply.slots.iter().filter(|s| s.status == pb::PutStatus::Reserved as i32).count();
+        let reserved = put.slots.iter().filter(|s| !s.replicas.is_empty()).count();
+        let published = done.len();
         if !done.is_empty() {
-            let written: u64 =
-                done.iter().filter_map(|d| items.iter().find(|(k, _)| k.0 == d.key)).map(|(_, b)| b.len() as u64).sum();
-            self.master.clone().put_end(pb::PutEndRequest { put_id: reply.put_id, items: done.clone() }).await?;
-            self.metrics.puts.fetch_add(done.len() as u64, Ordering::Relaxed);
+            let written: u64 = put.slots.iter().filter(|s| s.outcome == PutOutcome::Stored).map(|s| s.len).sum();
+            let count = done.len() as u64;
+            if let Err(e) = self.master.clone().put_end(pb::PutEndRequest { put_id: put.put_id, items: done }).await {
+                // Unpublished: the master reclaims the reservation.
+                let _ = self.master.clone().put_revoke(pb::PutRevokeRequest { put_id: put.put_id }).await;
+                for o in outcomes.iter_mut().filter(|o| **o == PutOutcome::Stored) {
+                    *o = PutOutcome::Failed(format!("put_end: {e}"));
+                }
+                return Ok(outcomes);
+            }
+            self.metrics.puts.fetch_add(count, Ordering::Relaxed);
             self.metrics.put_bytes.fetch_add(written, Ordering::Relaxed);
         }
-        if any_failed {
+        if published < reserved {
             // Give back what was reserved but not written (else it times out).
-            self.master.clone().put_revoke(pb::PutRevokeRequest { put_id: reply.put_id }).await?;
+            self.master.clone().put_revoke(pb::PutRevokeRequest { put_id: put.put_id }).await?;
         }
         Ok(outcomes)
+    }
+
+    /// Abandons a staged put: nothing of it is published.
+    pub async fn put_abort(&self, put: StagedPut) -> Result<(), StoreError> {
+        if put.slots.iter().any(|s| !s.replicas.is_empty()) {
+            self.master.clone().put_revoke(pb::PutRevokeRequest { put_id: put.put_id }).await?;
+        }
+        Ok(())
     }
 
     /// Reads each key into the start of its buffer (zero-copy where the

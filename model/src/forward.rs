@@ -106,9 +106,39 @@ impl Model {
         }
     }
 
+    /// A fingerprint of the weights and numerics: the same file loaded with
+    /// the same precision gives the same string in every process, so KV
+    /// blocks keyed with it (see `tandem_proto::KeySalt`) are
+    /// interchangeable, and different models never share keys.
+    pub fn fingerprint(&self) -> String {
+        use xxhash_rust::xxh3::Xxh3;
+        let mut h = Xxh3::new();
+        h.update(format!("{:?}|{:?}", self.config, self.precision).as_bytes());
+        let mut row = vec![0.0f32; self.config.hidden_size];
+        for t in [0, 1, self.config.vocab_size / 2, self.config.vocab_size - 1] {
+            self.weights.embed.dequantize_row(t, &mut row);
+            h.update(bytemuck::cast_slice(&row));
+        }
+        format!("{:016x}", h.digest())
+    }
+
     /// Runs `steps`, appending their tokens to their sequences' KV, and
     /// returns, per step, the logits it asked for (`vocab` floats per row).
     pub fn forward(&self, cache: &mut KvCache, steps: &mut [Step<'_>]) -> Result<Vec<Vec<f32>>> {
+        self.forward_observed(cache, steps, &mut |_, _| {})
+    }
+
+    /// [`Model::forward`], calling `after_layer(l, cache)` as soon as every
+    /// new token's K and V of layer `l` are in the cache, before layer
+    /// `l + 1` computes: a prefill worker copies those layer ranges out to
+    /// the store while the next layer runs. (The sequences' lengths are
+    /// updated only at the end of the call.)
+    pub fn forward_observed(
+        &self,
+        cache: &mut KvCache,
+        steps: &mut [Step<'_>],
+        after_layer: &mut dyn FnMut(usize, &KvCache),
+    ) -> Result<Vec<Vec<f32>>> {
         let c = &self.config;
         if *cache.geometry() != self.kv_geometry(cache.geometry().page_tokens) {
             return Err(ModelError::Request("KV cache geometry does not match the model".into()));
@@ -166,6 +196,7 @@ impl Model {
 
         for (l, layer) in self.weights.layers.iter().enumerate() {
             self.attention_block(l, layer, cache, steps, &rows, &cos, &sin, &mut b);
+            after_layer(l, cache);
             self.mlp_block(layer, n, &mut b);
         }
 

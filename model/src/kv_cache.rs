@@ -284,6 +284,22 @@ impl KvCache {
     }
 }
 
+impl KvCache {
+    /// Appends one partial block: the first `tokens` token slots of
+    /// `block` (a whole page's bytes, as [`KvCache::page_bytes`] gives
+    /// them; the slots past `tokens` are ignored). `seq` must hold a whole
+    /// number of pages. On error nothing changes.
+    pub fn append_partial(&mut self, seq: &mut SeqKv, block: &[u8], tokens: usize) -> Result<()> {
+        let pt = self.geometry.page_tokens;
+        if tokens == 0 || tokens >= pt {
+            return Err(ModelError::Fetch(format!("a partial block of {tokens} tokens (pages hold {pt})")));
+        }
+        self.append_blocks(seq, &[block])?;
+        seq.len -= pt - tokens;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -11,9 +11,11 @@
 //! - [`sampling`] — greedy/temperature/top-k/top-p sampling, stops, logprobs.
 //! - [`engine`] — loading a model by name or path and generating text.
 //! - [`fetch`] — downloading known models into the local cache.
+//! - [`deploy`] — the cluster file's `[model]` section (model + KV layout).
 
 pub mod chat;
 pub mod config;
+pub mod deploy;
 pub mod error;
 pub mod fetch;
 pub mod gguf;

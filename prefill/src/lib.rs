@@ -1,8 +1,74 @@
-//! Tandem's prefill worker (DESIGN.md §2, step 4): loads cached prefix
-//! blocks from the store, computes the rest of the prompt in chunks with the
-//! shared engine in `tandem-model`, writes new blocks layer by layer and
-//! hands the request to a decode node.
+//! Tandem's prefill worker (DESIGN.md §2, step 4).
 //!
-//! The worker service arrives with the disaggregated-serving issue; today
-//! this crate only fixes its place in the crate graph (model, kvstore,
-//! proto).
+//! A request arrives over gRPC ([`service`]); the worker asks the store
+//! for the prompt's longest cached prefix and reads those blocks while
+//! other prompts compute, then the engine thread ([`engine`]) appends them
+//! to its pages, computes the rest of the prompt in chunks (several
+//! prompts share a forward pass up to a token budget) and writes every new
+//! full block to the store **one layer at a time while the next layer
+//! computes** (a staged two-phase put). It samples the first token and
+//! hands the request to a decode node: block keys, the last partial block,
+//! the first token and the sampler's state.
+
+pub mod engine;
+pub mod service;
+
+use bytesize::ByteSize;
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+
+pub use service::{serve, PrefillHandle};
+
+/// One `[[prefill]]` entry of the cluster file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrefillConfig {
+    pub name: String,
+    /// gRPC address (the conductor and tests call it).
+    pub listen: SocketAddr,
+    /// Memory for KV pages of the prompts being computed.
+    pub kv_memory: ByteSize,
+    /// Token budget of one forward pass: prompt chunks of several requests
+    /// are packed up to it.
+    pub chunk_tokens: usize,
+    /// Requests waiting beyond this are refused (the scheduler should have
+    /// sent them elsewhere).
+    pub max_queue: usize,
+    /// Compute threads (0: all cores).
+    pub threads: usize,
+    /// Write new blocks to the store (off: compute only, the benchmark's
+    /// baseline).
+    pub store_writes: bool,
+}
+
+impl Default for PrefillConfig {
+    fn default() -> Self {
+        Self {
+            name: "prefill-0".into(),
+            listen: "127.0.0.1:7301".parse().expect("a valid address"),
+            kv_memory: ByteSize::mib(512),
+            chunk_tokens: 512,
+            max_queue: 256,
+            threads: 0,
+            store_writes: true,
+        }
+    }
+}
+
+impl PrefillConfig {
+    pub fn validate(&self) -> Result<(), String> {
+        if self.name.is_empty() || self.name.len() > 64 {
+            return Err(format!("prefill node name {:?} must be 1-64 bytes", self.name));
+        }
+        if self.chunk_tokens == 0 || self.chunk_tokens > 65536 {
+            return Err(format!("prefill {}: chunk_tokens must be in 1..=65536", self.name));
+        }
+        if self.max_queue == 0 {
+            return Err(format!("prefill {}: max_queue must be at least 1", self.name));
+        }
+        if self.kv_memory.as_u64() == 0 {
+            return Err(format!("prefill {}: kv_memory must be positive", self.name));
+        }
+        Ok(())
+    }
+}

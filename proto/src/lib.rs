@@ -5,8 +5,11 @@
 //!   mean equal token prefixes, and two models never share keys.
 //! - [`kvstore`] — the store's gRPC control plane (`tandem.kvstore.v1`):
 //!   the `Master` and `StorageNode` services and their messages.
+//! - [`worker`] — the prefill and decode services and the handoff between
+//!   them (`tandem.worker.v1`).
 
 pub mod block_key;
+pub mod handoff;
 
 pub use block_key::{block_keys, BlockKey, KeySalt};
 
@@ -14,4 +17,10 @@ pub use block_key::{block_keys, BlockKey, KeySalt};
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 pub mod kvstore {
     tonic::include_proto!("tandem.kvstore.v1");
+}
+
+/// Generated from `proto/worker.proto` (tonic + prost).
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod worker {
+    tonic::include_proto!("tandem.worker.v1");
 }

@@ -103,28 +103,17 @@ fn parse_key(s: &str) -> Result<BlockKey, String> {
     u64::from_str_radix(hex, 16).map(BlockKey).map_err(|_| format!("{s:?} is not a hex key of up to 16 digits"))
 }
 
-/// Reads and validates the `[kvstore]` section of a cluster file.
+/// Reads and validates a cluster file and returns its `[kvstore]` section.
 pub fn load_config(path: &Path) -> anyhow::Result<KvstoreConfig> {
-    #[derive(serde::Deserialize)]
-    struct File {
-        #[serde(default)]
-        kvstore: KvstoreConfig,
-    }
-    let meta = std::fs::metadata(path).with_context(|| format!("reading cluster file {}", path.display()))?;
-    if meta.len() > 4 << 20 {
-        bail!("cluster file {} is {} bytes; the limit is 4 MiB", path.display(), meta.len());
-    }
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading cluster file {}", path.display()))?;
-    let file: File = toml::from_str(&text).with_context(|| format!("parsing cluster file {}", path.display()))?;
-    file.kvstore.resolve().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+    Ok(super::cluster::ClusterConfig::load(path)?.kvstore)
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+pub(crate) fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the async runtime")
 }
 
 /// Resolves when the process gets Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };

@@ -2,9 +2,11 @@
 //! over the crate that does the work.
 
 mod bench;
+pub mod cluster;
 mod generate;
 pub mod kvstore;
 mod model;
+mod worker;
 
 use clap::{Parser, Subcommand};
 
@@ -14,6 +16,7 @@ use clap::{Parser, Subcommand};
 /// Run a model locally:   tandem generate --model smollm2 --chat --prompt "Hi!"
 /// Fetch a known model:   tandem model fetch smollm2
 /// Run a KV store:        tandem kvstore master --config etc/cluster.toml
+/// Run workers:           tandem prefill --config etc/cluster.toml --node prefill-0
 /// Benchmark the store:   tandem bench kvstore --quick
 #[derive(Debug, Parser)]
 #[command(name = "tandem", version, about, long_about, propagate_version = true)]
@@ -37,6 +40,16 @@ pub enum Command {
     /// Run and inspect the KV block store (master, storage nodes, keys).
     #[command(subcommand)]
     Kvstore(kvstore::KvstoreCommand),
+    /// Run a prefill node of a cluster file: computes prompts, writes their
+    /// KV blocks to the store layer by layer, hands off to decode nodes.
+    ///
+    /// Example: tandem prefill --config etc/cluster.toml --node prefill-0
+    Prefill(worker::WorkerArgs),
+    /// Run a decode node of a cluster file: takes handoffs, fetches their
+    /// blocks from the store and streams tokens from a continuous batch.
+    ///
+    /// Example: tandem decode --config etc/cluster.toml --node decode-0
+    Decode(worker::WorkerArgs),
     /// Benchmarks reported as ratios against same-run baselines.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -49,6 +62,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Generate(args) => generate::run(*args),
         Command::Model(cmd) => model::run(cmd),
         Command::Kvstore(cmd) => kvstore::run(cmd),
+        Command::Prefill(args) => worker::run_prefill(args),
+        Command::Decode(args) => worker::run_decode(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

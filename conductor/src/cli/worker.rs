@@ -1,0 +1,68 @@
+//! `tandem prefill` and `tandem decode`: run one worker node of a cluster
+//! file until Ctrl-C or SIGTERM, then drain its in-flight requests.
+
+use super::cluster::ClusterConfig;
+use anyhow::Context;
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tandem_kvstore::client::StoreClient;
+use tandem_prefill::service::WorkerModel;
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Cluster file (TOML): its `[model]`, `[kvstore]` and this node's
+    /// `[[prefill]]` or `[[decode]]` entry are used.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// Which node of the file to run.
+    #[arg(long)]
+    node: String,
+    /// Run without the KV store: nothing is read from or written to it
+    /// (every prompt is computed in full; decode recomputes the prompt).
+    #[arg(long)]
+    no_store: bool,
+}
+
+fn store_client(cfg: &ClusterConfig, off: bool) -> anyhow::Result<Option<Arc<StoreClient>>> {
+    if off {
+        return Ok(None);
+    }
+    let client = StoreClient::new(cfg.kvstore.client.clone()).context("connecting to the store master")?;
+    Ok(Some(Arc::new(client)))
+}
+
+pub fn run_prefill(args: WorkerArgs) -> anyhow::Result<()> {
+    let cfg = ClusterConfig::load(&args.config)?;
+    let node = cfg.prefill_node(&args.node)?.clone();
+    super::set_threads(node.threads)?;
+    let loaded = cfg.model.load(true).context("loading the model")?;
+    let wm = WorkerModel { model: loaded.model, kv_dtype: cfg.model.kv_dtype()?, block_tokens: cfg.model.block_tokens };
+    let rt = super::kvstore::runtime()?;
+    rt.block_on(async {
+        let store = store_client(&cfg, args.no_store)?;
+        let handle = tandem_prefill::serve(node, wm, store).await.map_err(anyhow::Error::msg)?;
+        eprintln!("prefill node {} listening on {}", args.node, handle.local_addr());
+        super::kvstore::shutdown_signal().await;
+        handle.shutdown().await;
+        Ok(())
+    })
+}
+
+pub fn run_decode(args: WorkerArgs) -> anyhow::Result<()> {
+    let cfg = ClusterConfig::load(&args.config)?;
+    let node = cfg.decode_node(&args.node)?.clone();
+    super::set_threads(node.threads)?;
+    let loaded = cfg.model.load(true).context("loading the model")?;
+    let (kv_dtype, block_tokens) = (cfg.model.kv_dtype()?, cfg.model.block_tokens);
+    let rt = super::kvstore::runtime()?;
+    rt.block_on(async {
+        let store = store_client(&cfg, args.no_store)?;
+        let handle =
+            tandem_decode::serve(node, loaded.model, kv_dtype, block_tokens, store).await.map_err(anyhow::Error::msg)?;
+        eprintln!("decode node {} listening on {}", args.node, handle.local_addr());
+        super::kvstore::shutdown_signal().await;
+        handle.shutdown().await;
+        Ok(())
+    })
+}

@@ -1,0 +1,285 @@
+//! The decode gRPC service (`tandem.worker.v1.Decode`): validates a
+//! handoff against this node's model and KV layout, streams the first
+//! token at once, reads the blocks from the store while the engine keeps
+//! decoding, then hands the sequence to the engine's continuous batch.
+
+use crate::engine::{fetch, finished_event, Admission, DecodeEngine, EngineStats, RequestStats};
+use crate::{wire, DecodeConfig};
+use futures::Stream;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use tandem_kvstore::client::StoreClient;
+use tandem_model::engine::FinishReason;
+use tandem_model::forward::Model;
+use tandem_model::kv_cache::{KvCache, KvDType};
+use tandem_model::sampling::Sampler;
+use tandem_proto::handoff::{validate_handoff, MAX_MESSAGE_BYTES};
+use tandem_proto::worker::decode_server::{Decode, DecodeServer};
+use tandem_proto::worker::generate_event::Event;
+use tandem_proto::worker::{self as pb};
+use tandem_proto::{block_keys, BlockKey, KeySalt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tonic::{Request, Response, Status};
+
+struct Inner {
+    name: String,
+    salt: KeySalt,
+    fingerprint: String,
+    kv_dtype: KvDType,
+    block_tokens: usize,
+    block_bytes: usize,
+    vocab: usize,
+    context: usize,
+    num_pages: usize,
+    max_waiting: usize,
+    admissions: crossbeam_channel::Sender<Admission>,
+    store: Option<Arc<StoreClient>>,
+    stats: Arc<EngineStats>,
+}
+
+/// A running decode node.
+#[derive(Debug)]
+pub struct DecodeHandle {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    engine: Option<std::thread::JoinHandle<()>>,
+    draining: Arc<AtomicBool>,
+    stats: Arc<EngineStats>,
+}
+
+impl DecodeHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Stops accepting handoffs, finishes the running and waiting
+    /// sequences, then stops the engine.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+        self.draining.store(true, Ordering::Relaxed);
+        if let Some(engine) = self.engine.take() {
+            let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+        }
+    }
+}
+
+/// Starts a decode node on `cfg.listen` (port 0 picks one).
+pub async fn serve(
+    cfg: DecodeConfig,
+    model: Model,
+    kv_dtype: KvDType,
+    block_tokens: usize,
+    store: Option<Arc<StoreClient>>,
+) -> Result<DecodeHandle, String> {
+    cfg.validate()?;
+    let geometry = model.kv_geometry(block_tokens);
+    let block_bytes = geometry.page_elems() * kv_dtype.bytes();
+    let num_pages = (cfg.kv_memory.as_u64() as usize / block_bytes.max(1)).max(1);
+    let cache = KvCache::new(geometry, num_pages, kv_dtype).map_err(|e| format!("decode {}: {e}", cfg.name))?;
+    let fingerprint = model.fingerprint();
+    let salt = KeySalt::new(&fingerprint, kv_dtype.name(), block_tokens);
+    let (vocab, context) = (model.config().vocab_size, model.config().max_position_embeddings);
+    let stats = Arc::new(EngineStats::default());
+    stats.free_pages.store(num_pages as u64, Ordering::Relaxed);
+    let draining = Arc::new(AtomicBool::new(false));
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let engine = DecodeEngine {
+        name: cfg.name.clone(),
+        model,
+        cache,
+        salt,
+        max_batch: cfg.max_batch,
+        chunk_tokens: cfg.chunk_tokens,
+        store: store.clone(),
+        write_back: cfg.write_back,
+        rt: tokio::runtime::Handle::current(),
+        stats: stats.clone(),
+        rx,
+        resubmit: tx.clone(),
+        draining: draining.clone(),
+    };
+    let engine = std::thread::Builder::new()
+        .name(format!("decode-{}", cfg.name))
+        .spawn(move || engine.run())
+        .map_err(|e| format!("starting the engine thread: {e}"))?;
+    let inner = Arc::new(Inner {
+        name: cfg.name.clone(),
+        salt,
+        fingerprint,
+        kv_dtype,
+        block_tokens,
+        block_bytes,
+        vocab,
+        context,
+        num_pages,
+        max_waiting: cfg.max_waiting,
+        admissions: tx,
+        store,
+        stats: stats.clone(),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("decode {}: cannot listen on {}: {e}", cfg.name, cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let incoming = TcpListenerStream::new(listener);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let svc = DecodeServer::new(DecodeService { inner })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let server = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!("decode server stopped: {e}");
+        }
+    });
+    tracing::info!(node = %cfg.name, %addr, pages = num_pages, "decode node serving");
+    Ok(DecodeHandle {
+        addr,
+        shutdown: Some(stop_tx),
+        server: Some(server),
+        engine: Some(engine),
+        draining,
+        stats,
+    })
+}
+
+struct DecodeService {
+    inner: Arc<Inner>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Decode for DecodeService {
+    type DecodeStream = EventStream;
+
+    async fn decode(&self, req: Request<pb::Handoff>) -> Result<Response<EventStream>, Status> {
+        let h = req.into_inner();
+        let i = &self.inner;
+        validate_handoff(&h).map_err(Status::invalid_argument)?;
+        if h.model_fingerprint != i.fingerprint || h.kv_dtype != i.kv_dtype.name() || h.block_tokens as usize != i.block_tokens
+        {
+            return Err(Status::failed_precondition(format!(
+                "handoff for model {} with {} KV in blocks of {}; decode node {} serves {} with {} KV in blocks of {}",
+                h.model_fingerprint,
+                h.kv_dtype,
+                h.block_tokens,
+                i.name,
+                i.fingerprint,
+                i.kv_dtype.name(),
+                i.block_tokens
+            )));
+        }
+        let r = h.request.expect("validated");
+        wire::check_against_model(&r, i.vocab, i.context).map_err(Status::invalid_argument)?;
+        if h.partial_tokens > 0 && h.partial_block.len() != i.block_bytes {
+            return Err(Status::invalid_argument(format!(
+                "partial block of {} bytes; blocks here are {} bytes",
+                h.partial_block.len(),
+                i.block_bytes
+            )));
+        }
+        let keys = block_keys(i.salt, &r.prompt, i.block_tokens);
+        if keys.iter().map(|k| k.0).ne(h.block_keys.iter().copied()) {
+            return Err(Status::invalid_argument("the handoff's block keys do not match its prompt"));
+        }
+        let first = h.first_token.expect("validated");
+        if first.id as usize >= i.vocab {
+            return Err(Status::invalid_argument(format!("first token {} is outside the vocabulary", first.id)));
+        }
+        let pages = (r.prompt.len() + 1).div_ceil(i.block_tokens);
+        if pages > i.num_pages {
+            return Err(Status::resource_exhausted(format!(
+                "the sequence needs {pages} KV pages; decode node {} has {}",
+                i.name, i.num_pages
+            )));
+        }
+        if i.stats.waiting.load(Ordering::Relaxed) as usize >= i.max_waiting {
+            return Err(Status::resource_exhausted(format!("decode node {} has {} handoffs waiting", i.name, i.max_waiting)));
+        }
+        let params = wire::sampling_params(r.sampling.as_ref().expect("validated"));
+        let sampler = Sampler::resume(params, h.sampler_step).map_err(|e| Status::invalid_argument(e.to_string()))?;
+
+        let (out, events) = mpsc::unbounded_channel();
+        let tokens_event = Event::Tokens(pb::Tokens { tokens: vec![first.clone()] });
+        let _ = out.send(Ok(pb::GenerateEvent { event: Some(tokens_event) }));
+        let prompt_len = r.prompt.len();
+        let mut tokens = r.prompt;
+        tokens.push(first.id);
+        let mut a = Admission {
+            id: r.request_id,
+            tokens,
+            prompt_len,
+            max_tokens: r.max_tokens as usize,
+            stop_ids: r.stop_ids,
+            sampler,
+            keys: keys.into_iter().collect::<Vec<BlockKey>>(),
+            fetched: Vec::new(),
+            partial: h.partial_block,
+            out,
+            stats: RequestStats::default(),
+        };
+        let finish = if a.stop_ids.contains(&first.id) {
+            Some(FinishReason::Stop)
+        } else if a.max_tokens <= 1 {
+            Some(FinishReason::Length)
+        } else if a.tokens.len() >= i.context {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        };
+        if let Some(reason) = finish {
+            let _ = a.out.send(Ok(finished_event(&a, reason, &i.name)));
+            return Ok(Response::new(Box::pin(UnboundedReceiverStream::new(events))));
+        }
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            fetch(inner.store.as_deref(), &mut a, inner.block_bytes).await;
+            if let Err(e) = inner.admissions.send(a) {
+                let _ = e.0.out.send(Err(Status::unavailable("the decode engine has stopped")));
+            }
+        });
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(events))))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::DecodeStatus>, Status> {
+        let i = &self.inner;
+        let s = &i.stats;
+        let get = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+        Ok(Response::new(pb::DecodeStatus {
+            node: i.name.clone(),
+            batch_size: get(&s.batch_size) as u32,
+            waiting: get(&s.waiting) as u32,
+            kv_pages_total: i.num_pages as u32,
+            kv_pages_free: get(&s.free_pages) as u32,
+            step_us: get(&s.step_ns) / 1000,
+            completed_requests: get(&s.completed),
+            generated_tokens: get(&s.generated),
+            fetched_blocks: get(&s.fetched_blocks),
+            recomputed_tokens: get(&s.recomputed_tokens),
+            written_back_blocks: get(&s.written_back),
+            preemptions: get(&s.preemptions),
+            model_fingerprint: i.fingerprint.clone(),
+            block_tokens: i.block_tokens as u32,
+        }))
+    }
+}

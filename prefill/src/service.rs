@@ -1,0 +1,372 @@
+//! The prefill gRPC service (`tandem.worker.v1.Prefill`): validation, the
+//! cached-prefix read, the engine queue, and the handoff to a decode node
+//! whose token stream it relays (dropping the stream cancels everything
+//! downstream).
+
+use crate::engine::{EngineStats, Job, PrefillEngine, Prefilled};
+use crate::PrefillConfig;
+use futures::Stream;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tandem_decode::wire;
+use tandem_kvstore::client::StoreClient;
+use tandem_model::forward::Model;
+use tandem_model::kv_cache::{KvCache, KvDType};
+use tandem_proto::handoff::{validate_request, MAX_MESSAGE_BYTES};
+use tandem_proto::worker::decode_client::DecodeClient;
+use tandem_proto::worker::generate_event::Event;
+use tandem_proto::worker::prefill_server::{Prefill, PrefillServer};
+use tandem_proto::worker::{self as pb};
+use tandem_proto::{block_keys, BlockKey, KeySalt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+/// The model and KV layout a worker serves (the cluster file's `[model]`).
+#[derive(Debug)]
+pub struct WorkerModel {
+    pub model: Model,
+    pub kv_dtype: KvDType,
+    pub block_tokens: usize,
+}
+
+struct Inner {
+    name: String,
+    salt: KeySalt,
+    fingerprint: String,
+    kv_dtype: KvDType,
+    block_tokens: usize,
+    block_bytes: usize,
+    num_pages: usize,
+    vocab: usize,
+    context: usize,
+    max_queue: usize,
+    jobs: crossbeam_channel::Sender<Job>,
+    store: Option<Arc<StoreClient>>,
+    stats: Arc<EngineStats>,
+    decoders: Mutex<HashMap<String, DecodeClient<Channel>>>,
+}
+
+/// A running prefill node.
+#[derive(Debug)]
+pub struct PrefillHandle {
+    addr: SocketAddr,
+    shutdown: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    engine: Option<std::thread::JoinHandle<()>>,
+    stats: Arc<EngineStats>,
+}
+
+impl PrefillHandle {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Stops accepting requests, lets the running ones finish, then stops
+    /// the engine.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+        if let Some(engine) = self.engine.take() {
+            let _ = tokio::task::spawn_blocking(move || engine.join()).await;
+        }
+    }
+}
+
+/// Starts a prefill node: binds `cfg.listen` (port 0 picks one), starts the
+/// engine thread and serves until [`PrefillHandle::shutdown`]. With a
+/// `store`, cached prefixes are read from it and new blocks written to it.
+pub async fn serve(
+    cfg: PrefillConfig,
+    wm: WorkerModel,
+    store: Option<Arc<StoreClient>>,
+) -> Result<PrefillHandle, String> {
+    cfg.validate()?;
+    let geometry = wm.model.kv_geometry(wm.block_tokens);
+    let block_bytes = geometry.page_elems() * wm.kv_dtype.bytes();
+    let num_pages = (cfg.kv_memory.as_u64() as usize / block_bytes.max(1)).max(1);
+    let cache = KvCache::new(geometry, num_pages, wm.kv_dtype).map_err(|e| format!("prefill {}: {e}", cfg.name))?;
+    let fingerprint = wm.model.fingerprint();
+    let salt = KeySalt::new(&fingerprint, wm.kv_dtype.name(), wm.block_tokens);
+    let (vocab, context) = (wm.model.config().vocab_size, wm.model.config().max_position_embeddings);
+    let stats = Arc::new(EngineStats::default());
+    stats.free_pages.store(num_pages as u64, Ordering::Relaxed);
+    let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
+    let engine = PrefillEngine {
+        model: wm.model,
+        cache,
+        chunk_tokens: cfg.chunk_tokens,
+        store: if cfg.store_writes { store.clone() } else { None },
+        rt: tokio::runtime::Handle::current(),
+        stats: stats.clone(),
+        jobs: jobs_rx,
+    };
+    let engine = std::thread::Builder::new()
+        .name(format!("prefill-{}", cfg.name))
+        .spawn(move || engine.run())
+        .map_err(|e| format!("starting the engine thread: {e}"))?;
+
+    let inner = Arc::new(Inner {
+        name: cfg.name.clone(),
+        salt,
+        fingerprint,
+        kv_dtype: wm.kv_dtype,
+        block_tokens: wm.block_tokens,
+        block_bytes,
+        num_pages,
+        vocab,
+        context,
+        max_queue: cfg.max_queue,
+        jobs: jobs_tx,
+        store,
+        stats: stats.clone(),
+        decoders: Mutex::new(HashMap::new()),
+    });
+    let listener = tokio::net::TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|e| format!("prefill {}: cannot listen on {}: {e}", cfg.name, cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let incoming = TcpListenerStream::new(listener);
+    let (stop_tx, stop_rx) = oneshot::channel::<()>();
+    let svc = PrefillServer::new(PrefillService { inner })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let server = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stop_rx.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!("prefill server stopped: {e}");
+        }
+    });
+    tracing::info!(node = %cfg.name, %addr, pages = num_pages, "prefill node serving");
+    Ok(PrefillHandle { addr, shutdown: Some(stop_tx), server: Some(server), engine: Some(engine), stats })
+}
+
+struct PrefillService {
+    inner: Arc<Inner>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Prefill for PrefillService {
+    type PrefillStream = EventStream;
+
+    async fn prefill(&self, req: Request<pb::PrefillRequest>) -> Result<Response<EventStream>, Status> {
+        let req = req.into_inner();
+        let r = req.request.ok_or_else(|| Status::invalid_argument("the prefill request has no request"))?;
+        validate_request(&r).map_err(Status::invalid_argument)?;
+        let inner = &self.inner;
+        wire::check_against_model(&r, inner.vocab, inner.context).map_err(Status::invalid_argument)?;
+        if req.decode_addr.len() > 256 {
+            return Err(Status::invalid_argument("decode_addr is longer than 256 bytes"));
+        }
+        let pages = r.prompt.len().div_ceil(inner.block_tokens);
+        if pages > inner.num_pages {
+            return Err(Status::resource_exhausted(format!(
+                "the prompt needs {pages} KV pages; prefill node {} has {}",
+                inner.name, inner.num_pages
+            )));
+        }
+        if inner.stats.queued_requests.load(Ordering::Relaxed) as usize >= inner.max_queue {
+            return Err(Status::resource_exhausted(format!(
+                "prefill node {} has {} requests queued (max_queue)",
+                inner.name, inner.max_queue
+            )));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            let work = inner.run(r, req.decode_addr, req.cached_blocks, &tx);
+            tokio::select! {
+                result = work => if let Err(status) = result {
+                    let _ = tx.send(Err(status)).await;
+                },
+                // The caller went away: dropping `work` cancels the job and
+                // the decode stream.
+                () = tx.closed() => {}
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::PrefillStatus>, Status> {
+        let i = &self.inner;
+        let s = &i.stats;
+        let queued_tokens = s.queued_tokens.load(Ordering::Relaxed);
+        let tps = s.tokens_per_second();
+        Ok(Response::new(pb::PrefillStatus {
+            node: i.name.clone(),
+            queued_requests: s.queued_requests.load(Ordering::Relaxed) as u32,
+            queued_tokens,
+            predicted_work_us: if tps > 0.0 { (queued_tokens as f64 / tps * 1e6) as u64 } else { 0 },
+            tokens_per_second: tps,
+            completed_requests: s.completed.load(Ordering::Relaxed),
+            computed_tokens: s.computed_tokens.load(Ordering::Relaxed),
+            cached_tokens: s.cached_tokens.load(Ordering::Relaxed),
+            stored_blocks: s.stored_blocks.load(Ordering::Relaxed),
+            model_fingerprint: i.fingerprint.clone(),
+            block_tokens: i.block_tokens as u32,
+            kv_pages_total: i.num_pages as u32,
+            kv_pages_free: s.free_pages.load(Ordering::Relaxed) as u32,
+        }))
+    }
+}
+
+impl Inner {
+    async fn run(
+        &self,
+        r: pb::GenerateRequest,
+        decode_addr: String,
+        cached_hint: u32,
+        tx: &mpsc::Sender<Result<pb::GenerateEvent, Status>>,
+    ) -> Result<(), Status> {
+        let enqueued = Instant::now();
+        let keys = block_keys(self.salt, &r.prompt, self.block_tokens);
+        // At least the prompt's last token is computed: its logits give the
+        // first token.
+        let usable = ((r.prompt.len() - 1) / self.block_tokens).min(keys.len());
+        let cached = self.read_prefix(&keys[..usable]).await;
+        if cached_hint as usize != cached.len() {
+            tracing::debug!(request = %r.request_id, hint = cached_hint, read = cached.len(), "cached prefix differs from the scheduler's view");
+        }
+        let sampling = r.sampling.as_ref().map(wire::sampling_params).unwrap_or_default();
+        let (reply_tx, reply_rx) = oneshot::channel();
+        let job = Job {
+            id: r.request_id.clone(),
+            prompt: r.prompt.clone(),
+            sampling,
+            keys: keys.clone(),
+            cached,
+            enqueued,
+            reply: reply_tx,
+        };
+        self.jobs.send(job).map_err(|_| Status::unavailable("the prefill engine has stopped"))?;
+        let done: Prefilled = reply_rx
+            .await
+            .map_err(|_| Status::internal("the prefill engine dropped the request"))?
+            .map_err(Status::resource_exhausted)?;
+        let stored = match done.stored {
+            Some(task) => task.await.unwrap_or(0),
+            None => 0,
+        };
+        self.stats.stored_blocks.fetch_add(stored as u64, Ordering::Relaxed);
+        let stats = pb::PrefillStats {
+            cached_blocks: done.cached_blocks as u32,
+            computed_tokens: done.computed_tokens as u32,
+            stored_blocks: stored as u32,
+            queue_us: done.queue.as_micros() as u64,
+            prefill_us: done.compute.as_micros() as u64,
+            node: self.name.clone(),
+        };
+        let handoff = pb::Handoff {
+            request: Some(r),
+            model_fingerprint: self.fingerprint.clone(),
+            kv_dtype: self.kv_dtype.name().into(),
+            block_tokens: self.block_tokens as u32,
+            block_keys: keys.iter().map(|k| k.0).collect(),
+            partial_block: done.partial,
+            partial_tokens: done.partial_tokens as u32,
+            first_token: Some(wire::token_to_pb(&done.first)),
+            sampler_step: done.sampler_step,
+            prefill: Some(stats.clone()),
+        };
+        if decode_addr.is_empty() {
+            let _ = tx.send(Ok(pb::GenerateEvent { event: Some(Event::Handoff(handoff)) })).await;
+            return Ok(());
+        }
+        if tx.send(Ok(pb::GenerateEvent { event: Some(Event::Prefilled(stats)) })).await.is_err() {
+            return Ok(());
+        }
+        let mut decoder = self.decoder(&decode_addr)?;
+        let mut stream = decoder
+            .decode(handoff)
+            .await
+            .map_err(|e| relabel(&decode_addr, "refused the handoff", e))?
+            .into_inner();
+        loop {
+            match stream.message().await {
+                Ok(Some(ev)) => {
+                    if tx.send(Ok(ev)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(relabel(&decode_addr, "failed mid-stream", e)),
+            }
+        }
+    }
+
+    /// The longest run of leading blocks the store holds, read into memory
+    /// (any store failure is a miss: the blocks are computed instead).
+    async fn read_prefix(&self, keys: &[BlockKey]) -> Vec<Vec<u8>> {
+        let Some(store) = &self.store else { return Vec::new() };
+        if keys.is_empty() {
+            return Vec::new();
+        }
+        let n = match store.longest_prefix(keys).await {
+            Ok(n) => n.min(keys.len()),
+            Err(e) => {
+                tracing::warn!("store lookup failed; computing the whole prompt: {e}");
+                return Vec::new();
+            }
+        };
+        if n == 0 {
+            return Vec::new();
+        }
+        match store.get(&keys[..n], self.block_bytes).await {
+            Ok(blocks) => blocks.into_iter().map_while(|b| b.filter(|b| b.len() == self.block_bytes)).collect(),
+            Err(e) => {
+                tracing::warn!("store read failed; computing the whole prompt: {e}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn decoder(&self, addr: &str) -> Result<DecodeClient<Channel>, Status> {
+        let mut map = self.decoders.lock();
+        if let Some(c) = map.get(addr) {
+            return Ok(c.clone());
+        }
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| Status::invalid_argument(format!("decode_addr {addr:?}: {e}")))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let client = DecodeClient::new(endpoint.connect_lazy())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        map.insert(addr.to_owned(), client.clone());
+        Ok(client)
+    }
+}
+
+/// A decode node's error, said from the prefill node's side. Unreachable
+/// or dead decode nodes are `unavailable` (the caller may retry elsewhere).
+fn relabel(addr: &str, what: &str, e: Status) -> Status {
+    let msg = format!("decode node {addr} {what}: {}", e.message());
+    match e.code() {
+        tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted | tonic::Code::FailedPrecondition => {
+            Status::new(e.code(), msg)
+        }
+        _ => Status::unavailable(msg),
+    }
+}
