@@ -2,15 +2,16 @@
 //! own `tandem kvstore …` process on loopback, driven through the client
 //! library and the admin CLI. Nodes are killed with SIGKILL and restarted.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use tandem_kvstore::client::{ClientConfig, PutOutcome, StoreClient};
 use tandem_proto::kvstore as pb;
 use tandem_proto::BlockKey;
+
+mod common;
+use common::{spawn_until, tandem, Proc};
 
 const MIB: usize = 1 << 20;
 
@@ -27,59 +28,11 @@ fn block(key: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-/// A child process that is killed (SIGKILL) when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Proc {
-    fn kill9(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        self.kill9();
-    }
-}
-
 struct Cluster {
     dir: tempfile::TempDir,
     master_addr: String,
     master: Option<Proc>,
     nodes: Vec<Option<Proc>>,
-}
-
-fn tandem() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
-    c.env("TANDEM_LOG", "info").stdout(Stdio::null()).stderr(Stdio::piped());
-    c
-}
-
-/// Starts `cmd` and waits for a stderr line containing `ready`; returns the
-/// process and that line. The rest of stderr is drained in the background.
-fn spawn_until(mut cmd: Command, name: &str, ready: &str) -> (Proc, String) {
-    let mut child = cmd.spawn().expect("spawn tandem");
-    let stderr = child.stderr.take().expect("stderr piped");
-    let (tx, rx) = mpsc::channel();
-    let ready = ready.to_owned();
-    let tag = name.to_owned();
-    std::thread::spawn(move || {
-        let mut sent = false;
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if !sent && line.contains(&ready) {
-                let _ = tx.send(line.clone());
-                sent = true;
-            }
-            if std::env::var_os("TANDEM_TEST_VERBOSE").is_some() {
-                eprintln!("[{tag}] {line}");
-            }
-        }
-    });
-    let line = rx.recv_timeout(Duration::from_secs(30)).unwrap_or_else(|_| panic!("{name} did not start"));
-    (Proc { child }, line)
 }
 
 impl Cluster {
@@ -449,9 +402,10 @@ fn example_cluster_files_parse_and_validate() {
     for entry in std::fs::read_dir(&etc).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "toml") {
-            let cfg = tandem_conductor::cli::kvstore::load_config(&path)
+            let cfg = tandem_conductor::cli::cluster::ClusterConfig::load(&path)
                 .unwrap_or_else(|e| panic!("{} does not load: {e:#}", path.display()));
-            assert!(!cfg.storage.is_empty(), "{} names no storage node", path.display());
+            assert!(!cfg.kvstore.storage.is_empty(), "{} names no storage node", path.display());
+            assert!(!cfg.prefill.is_empty() && !cfg.decode.is_empty(), "{} names no workers", path.display());
             seen += 1;
         }
     }

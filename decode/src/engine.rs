@@ -165,12 +165,7 @@ impl DecodeEngine {
                     break;
                 }
                 let a = waiting.pop_front().expect("front exists");
-                match self.admit(a) {
-                    Ok(r) => running.push(r),
-                    Err((a, e)) => {
-                        let _ = a.out.send(Err(Status::internal(format!("admitting the sequence: {e}"))));
-                    }
-                }
+                running.extend(self.admit(a));
             }
             self.publish(&waiting, &running);
             if !running.is_empty() {
@@ -190,8 +185,9 @@ impl DecodeEngine {
     }
 
     /// Puts `a`'s KV in pages: fetched blocks, then its partial block, then
-    /// recomputes whatever the store did not have.
-    fn admit(&mut self, mut a: Admission) -> Result<Running, (Admission, String)> {
+    /// recomputes whatever the store did not have. On failure the caller
+    /// gets the error and nothing stays allocated.
+    fn admit(&mut self, mut a: Admission) -> Option<Running> {
         let bt = self.block_tokens();
         let kv_len = a.kv_len();
         let mut seq = SeqKv::default();
@@ -213,14 +209,15 @@ impl DecodeEngine {
             let mut steps = [Step { tokens: &a.tokens[pos..end], seq: &mut seq, logits: Logits::None }];
             if let Err(e) = self.model.forward(&mut self.cache, &mut steps) {
                 self.cache.release(seq);
-                return Err((a, e.to_string()));
+                let _ = a.out.send(Err(Status::internal(format!("recomputing the sequence's KV: {e}"))));
+                return None;
             }
             a.stats.recomputed_tokens += (end - pos) as u32;
             self.stats.recomputed_tokens.fetch_add((end - pos) as u64, Ordering::Relaxed);
             pos = end;
         }
         self.stats.fetched_blocks.fetch_add(a.stats.fetched_blocks as u64, Ordering::Relaxed);
-        Ok(Running { a, seq })
+        Some(Running { a, seq })
     }
 
     /// Preempts the most recently admitted sequence: its pages go back to
@@ -231,8 +228,13 @@ impl DecodeEngine {
         let kv_len = r.seq.len();
         let full = kv_len / bt;
         r.a.keys = block_keys(self.salt, &r.a.tokens[..full * bt], bt);
-        r.a.partial = if kv_len % bt > 0 {
-            r.seq.block_table().last().and_then(|&p| self.cache.page_bytes(p).ok()).map(<[u8]>::to_vec).unwrap_or_default()
+        r.a.partial = if !kv_len.is_multiple_of(bt) {
+            r.seq
+                .block_table()
+                .last()
+                .and_then(|&p| self.cache.page_bytes(p).ok())
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default()
         } else {
             Vec::new()
         };

@@ -152,14 +152,7 @@ pub async fn serve(
         }
     });
     tracing::info!(node = %cfg.name, %addr, pages = num_pages, "decode node serving");
-    Ok(DecodeHandle {
-        addr,
-        shutdown: Some(stop_tx),
-        server: Some(server),
-        engine: Some(engine),
-        draining,
-        stats,
-    })
+    Ok(DecodeHandle { addr, shutdown: Some(stop_tx), server: Some(server), engine: Some(engine), draining, stats })
 }
 
 struct DecodeService {
@@ -176,7 +169,9 @@ impl Decode for DecodeService {
         let h = req.into_inner();
         let i = &self.inner;
         validate_handoff(&h).map_err(Status::invalid_argument)?;
-        if h.model_fingerprint != i.fingerprint || h.kv_dtype != i.kv_dtype.name() || h.block_tokens as usize != i.block_tokens
+        if h.model_fingerprint != i.fingerprint
+            || h.kv_dtype != i.kv_dtype.name()
+            || h.block_tokens as usize != i.block_tokens
         {
             return Err(Status::failed_precondition(format!(
                 "handoff for model {} with {} KV in blocks of {}; decode node {} serves {} with {} KV in blocks of {}",
@@ -214,7 +209,10 @@ impl Decode for DecodeService {
             )));
         }
         if i.stats.waiting.load(Ordering::Relaxed) as usize >= i.max_waiting {
-            return Err(Status::resource_exhausted(format!("decode node {} has {} handoffs waiting", i.name, i.max_waiting)));
+            return Err(Status::resource_exhausted(format!(
+                "decode node {} has {} handoffs waiting",
+                i.name, i.max_waiting
+            )));
         }
         let params = wire::sampling_params(r.sampling.as_ref().expect("validated"));
         let sampler = Sampler::resume(params, h.sampler_step).map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -41,11 +41,7 @@ pub fn token_from_pb(t: &pb::Token) -> Sampled {
 
 /// Checks the parts of a request that depend on the model: token ids in
 /// the vocabulary and room in the context for at least one new token.
-pub fn check_against_model(
-    r: &pb::GenerateRequest,
-    vocab_size: usize,
-    context_len: usize,
-) -> Result<(), String> {
+pub fn check_against_model(r: &pb::GenerateRequest, vocab_size: usize, context_len: usize) -> Result<(), String> {
     if let Some(&bad) = r.prompt.iter().chain(&r.stop_ids).find(|&&t| t as usize >= vocab_size) {
         return Err(format!("token id {bad} is outside the vocabulary (size {vocab_size})"));
     }

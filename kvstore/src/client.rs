@@ -266,7 +266,8 @@ impl StoreClient {
                             Ok(r) if r.len == len && matches!(r.location, Location::Dram { .. }) => replicas.push(r),
                             _ => {
                                 // Give the reservation back before failing the batch.
-                                let _ = self.master.clone().put_revoke(pb::PutRevokeRequest { put_id: reply.put_id }).await;
+                                let _ =
+                                    self.master.clone().put_revoke(pb::PutRevokeRequest { put_id: reply.put_id }).await;
                                 return Err(StoreError::MasterUnavailable(
                                     "put_start gave a malformed placement".into(),
                                 ));
@@ -311,7 +312,10 @@ impl StoreClient {
             for r in &slot.replicas {
                 let Location::Dram { segment, offset } = r.location else { continue };
                 let dst = Location::Dram { segment, offset: offset + w.offset };
-                per_node.entry((r.node.clone(), r.incarnation)).or_default().push((w.item, WriteOp { dst, src: w.bytes }));
+                per_node
+                    .entry((r.node.clone(), r.incarnation))
+                    .or_default()
+                    .push((w.item, WriteOp { dst, src: w.bytes }));
             }
         }
         let sends = per_node.into_iter().map(|((node, incarnation), group)| async move {

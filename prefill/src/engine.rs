@@ -129,6 +129,10 @@ fn spawn_writer(
     (tx, task)
 }
 
+/// The blocks one step of a forward pass completes, as (put item, page),
+/// and the writer they go to.
+type Completions = (Option<mpsc::UnboundedSender<WriterMsg>>, Vec<(usize, u32)>);
+
 struct Active {
     job: Job,
     seq: SeqKv,
@@ -159,6 +163,7 @@ impl PrefillEngine {
         let mut active: Vec<Active> = Vec::new();
         loop {
             if pending.is_empty() && active.is_empty() {
+                self.publish(&pending, &active);
                 match self.jobs.recv() {
                     Ok(j) => pending.push_back(j),
                     Err(_) => return,
@@ -188,12 +193,7 @@ impl PrefillEngine {
                     break;
                 }
                 let j = pending.pop_front().expect("front exists");
-                match self.admit(j) {
-                    Ok(a) => active.push(a),
-                    Err((j, e)) => {
-                        let _ = j.reply.send(Err(e));
-                    }
-                }
+                active.extend(self.admit(j));
             }
             self.publish(&pending, &active);
             if !active.is_empty() {
@@ -214,7 +214,9 @@ impl PrefillEngine {
         self.cache.geometry().page_tokens
     }
 
-    fn admit(&mut self, job: Job) -> Result<Active, (Job, String)> {
+    /// Starts a job: cached blocks into pages, the rest reserved, its
+    /// writer started. On failure the caller gets the error.
+    fn admit(&mut self, job: Job) -> Option<Active> {
         let mut seq = SeqKv::default();
         let views: Vec<&[u8]> = job.cached.iter().map(Vec::as_slice).collect();
         if let Err(e) = self.cache.append_blocks(&mut seq, &views) {
@@ -222,7 +224,8 @@ impl PrefillEngine {
         }
         if let Err(e) = self.cache.reserve(&mut seq, job.prompt.len()) {
             self.cache.release(seq);
-            return Err((job, e.to_string()));
+            let _ = job.reply.send(Err(e.to_string()));
+            return None;
         }
         let cached_blocks = seq.len() / self.block_tokens();
         let writer = match &self.store {
@@ -234,7 +237,7 @@ impl PrefillEngine {
             _ => None,
         };
         self.stats.cached_tokens.fetch_add(seq.len() as u64, Ordering::Relaxed);
-        Ok(Active { done: seq.len(), seq, cached_blocks, writer, started: Instant::now(), job })
+        Some(Active { done: seq.len(), seq, cached_blocks, writer, started: Instant::now(), job })
     }
 
     /// One forward pass over the next chunks of the active prompts.
@@ -254,7 +257,7 @@ impl PrefillEngine {
         }
         // Per planned step: the new blocks this chunk completes, as
         // (put item, page), and the writer they go to.
-        let mut completions: Vec<(Option<mpsc::UnboundedSender<WriterMsg>>, Vec<(usize, u32)>)> = Vec::new();
+        let mut completions: Vec<Completions> = Vec::new();
         for (i, range) in &plan {
             let a = &active[*i];
             let blocks = (range.start / bt..range.end / bt)

@@ -298,11 +298,8 @@ impl Inner {
             return Ok(());
         }
         let mut decoder = self.decoder(&decode_addr)?;
-        let mut stream = decoder
-            .decode(handoff)
-            .await
-            .map_err(|e| relabel(&decode_addr, "refused the handoff", e))?
-            .into_inner();
+        let mut stream =
+            decoder.decode(handoff).await.map_err(|e| relabel(&decode_addr, "refused the handoff", e))?.into_inner();
         loop {
             match stream.message().await {
                 Ok(Some(ev)) => {

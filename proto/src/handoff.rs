@@ -99,7 +99,7 @@ mod tests {
             kv_dtype: "f32".into(),
             block_tokens: bt,
             block_keys: vec![1; (prompt_len / bt) as usize],
-            partial_block: if prompt_len % bt > 0 { vec![0; 8] } else { vec![] },
+            partial_block: if !prompt_len.is_multiple_of(bt) { vec![0; 8] } else { vec![] },
             partial_tokens: prompt_len % bt,
             first_token: Some(pb::Token { id: 1, logprob: None, top: vec![] }),
             sampler_step: 1,

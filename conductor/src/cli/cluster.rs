@@ -79,3 +79,33 @@ impl ClusterConfig {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(text: &str) -> anyhow::Result<ClusterConfig> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, text)?;
+        ClusterConfig::load(&path)
+    }
+
+    #[test]
+    fn workers_are_read_with_defaults_and_mistakes_are_named() {
+        let cfg = load("[[prefill]]\nname = \"p\"\n[[decode]]\nname = \"d\"\nmax_batch = 8\n").unwrap();
+        assert_eq!(cfg.prefill[0].chunk_tokens, 512);
+        assert_eq!(cfg.decode[0].max_batch, 8);
+        assert!(cfg.prefill_node("p").is_ok());
+        assert!(format!("{:#}", cfg.decode_node("x").unwrap_err()).contains("decode nodes: d"));
+        let err = |t: &str| format!("{:#}", load(t).unwrap_err());
+        assert!(err("[[prefill]]\nname = \"p\"\nchunk = 5\n").contains("chunk"), "unknown field named");
+        assert!(err("[[prefill]]\nname = \"a\"\n[[decode]]\nname = \"a\"\n").contains("used twice"));
+        assert!(err("[[decode]]\nname = \"d\"\nmax_batch = 0\n").contains("max_batch"));
+        assert!(err("[model]\nkv_dtype = \"f8\"\n").contains("kv_dtype"));
+        assert!(
+            err("[[prefill]]\nlisten = \"127.0.0.1:9\"\n[[decode]]\nlisten = \"127.0.0.1:9\"\n").contains("used twice")
+        );
+        assert!(err("[[prefill]]\nkv_memory = \"lots\"\n").contains("kv_memory"));
+    }
+}

@@ -58,8 +58,9 @@ pub fn run_decode(args: WorkerArgs) -> anyhow::Result<()> {
     let rt = super::kvstore::runtime()?;
     rt.block_on(async {
         let store = store_client(&cfg, args.no_store)?;
-        let handle =
-            tandem_decode::serve(node, loaded.model, kv_dtype, block_tokens, store).await.map_err(anyhow::Error::msg)?;
+        let handle = tandem_decode::serve(node, loaded.model, kv_dtype, block_tokens, store)
+            .await
+            .map_err(anyhow::Error::msg)?;
         eprintln!("decode node {} listening on {}", args.node, handle.local_addr());
         super::kvstore::shutdown_signal().await;
         handle.shutdown().await;
