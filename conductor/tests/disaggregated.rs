@@ -279,7 +279,7 @@ impl Reference {
             .map(|r| Request {
                 prompt: r.prompt.clone(),
                 max_tokens: r.max_tokens as usize,
-                sampling: SamplingParams::default(),
+                sampling: r.sampling.as_ref().map(tandem_decode::wire::sampling_params).unwrap_or_default(),
                 stop_ids: r.stop_ids.clone(),
             })
             .collect();
@@ -300,6 +300,11 @@ fn check_equivalence_and_cache(c: &Cluster, reference: &mut Reference, block: us
         .map(|(i, &n)| request(&format!("eq-{i}"), prompt(seed + i as u64, n, vocab), 12))
         .collect();
     let want = reference.generate(&reqs);
+    // Seeded sampling continues on the decode node exactly as in one process.
+    let mut seeded = request("seeded", prompt(seed + 50, block + 5, vocab), 16);
+    seeded.sampling = Some(pb::SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, seed: 42, logprobs: None });
+    let reqs: Vec<pb::GenerateRequest> = reqs.into_iter().chain([seeded]).collect();
+    let want = reference.generate(&reqs);
     for (i, r) in reqs.iter().enumerate() {
         let p = &c.prefill[i % c.prefill.len()];
         let d = &c.decode[(i / c.prefill.len()) % c.decode.len()];
@@ -307,6 +312,10 @@ fn check_equivalence_and_cache(c: &Cluster, reference: &mut Reference, block: us
         assert_eq!(got.tokens, want[i], "prompt of {} tokens via {} → {}", r.prompt.len(), p.name, d.name);
         assert_eq!(got.finished.as_ref().unwrap().reason, "length");
     }
+    assert_ne!(
+        want[want.len() - 1],
+        reference.generate(&[request("greedy", reqs[reqs.len() - 1].prompt.clone(), 16)])[0]
+    );
 
     // Warm prefix: the second request shares 6 blocks with the first and
     // must read them from the store instead of computing them.
@@ -633,4 +642,46 @@ fn a_storage_node_killed_between_prefill_and_decode_means_recompute_not_wrong_ou
     let stats = finished.decode.unwrap();
     assert_eq!(stats.fetched_blocks, 0, "the store lost every block");
     assert_eq!(stats.recomputed_tokens, 150, "the lost blocks (and the partial one after them) were recomputed");
+}
+
+#[test]
+fn a_decode_node_told_to_stop_finishes_its_streams_first() {
+    let spec = Spec::new(tiny_model(), "f32", 16, "shm");
+    let mut c = Cluster::start(&spec);
+    let (p, d) = (c.prefill[0].addr.clone(), c.decode[0].addr.clone());
+    let r = request("drain", prompt(17, 30, 4096), 1500);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let req = pb::PrefillRequest { request: Some(r.clone()), decode_addr: d, cached_blocks: 0 };
+    let mut stream = rt.block_on(async { prefill_client(&p).prefill(req).await.unwrap().into_inner() });
+    let mut tokens = Vec::new();
+    let mut finished = None;
+    let mut signalled = false;
+    while let Some(ev) = rt.block_on(stream.message()).expect("the stream completes despite SIGTERM") {
+        match ev.event {
+            Some(Event::Tokens(t)) => tokens.extend(t.tokens.iter().map(|t| t.id)),
+            Some(Event::Finished(f)) => finished = Some(f),
+            _ => {}
+        }
+        if tokens.len() >= 3 && !signalled {
+            let pid = c.decode[0].proc.as_ref().unwrap().child.id();
+            let status = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap();
+            assert!(status.success());
+            signalled = true;
+        }
+    }
+    assert!(signalled);
+    let mut reference = Reference::new(&spec.model, spec.kv_dtype, spec.block);
+    assert_eq!(tokens, reference.generate(&[r])[0], "the in-flight request ran to the end");
+    assert_eq!(finished.unwrap().reason, "length");
+    // Then the node exits on its own.
+    let child = &mut c.decode[0].proc.as_mut().unwrap().child;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(status.success(), "exit status {status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the drained decode node did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

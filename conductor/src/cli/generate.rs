@@ -19,6 +19,7 @@ use tandem_model::tokenizer::Tokenizer;
 ///   tandem generate --chat --prompt "What is the capital of France?"
 ///   tandem generate --model ./Llama-3.2-1B --prompt "Once upon a time" --max-tokens 64
 ///   tandem generate --prompt-ids 1,9690,198 --max-tokens 8 --json
+///   tandem generate --cluster etc/cluster.toml --chat --prompt "Hi!"   (through running workers)
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
     /// A known model name (`smollm2`, fetched on first use), a .gguf file,
@@ -111,6 +112,21 @@ pub struct GenerateArgs {
     /// Print one JSON object (ids, text, timings) instead of streaming text.
     #[arg(long)]
     json: bool,
+
+    /// Send the request through a running cluster instead of this process:
+    /// its first prefill node (or --prefill-node) hands off to its first
+    /// decode node (or --decode-node). The model and KV settings come from
+    /// the file's [model].
+    #[arg(long, conflicts_with_all = ["model", "batch", "stop", "kv_dtype", "page_tokens", "chunk_tokens", "exact", "device"])]
+    cluster: Option<PathBuf>,
+
+    /// With --cluster: the prefill node to use.
+    #[arg(long, requires = "cluster")]
+    prefill_node: Option<String>,
+
+    /// With --cluster: the decode node to hand off to.
+    #[arg(long, requires = "cluster")]
+    decode_node: Option<String>,
 }
 
 /// Per-sequence text state for stop strings.
@@ -124,7 +140,13 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     ensure_available(device)?;
     super::set_threads(args.threads)?;
     let precision = if args.exact { Precision::Exact } else { Precision::Fast };
-    let path: PathBuf = tandem_model::fetch::resolve(&args.model, !args.json)?;
+    let (cluster, path) = match &args.cluster {
+        Some(file) => {
+            let (cfg, path) = super::remote::cluster_model(file)?;
+            (Some(cfg), path)
+        }
+        None => (None, tandem_model::fetch::resolve(&args.model, !args.json)?),
+    };
     let loaded = engine::load(&path, precision).with_context(|| format!("loading {}", path.display()))?;
     let tokenizer = loaded.tokenizer;
 
@@ -142,6 +164,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         logprobs: args.logprobs,
     };
     let stop_ids = if args.ignore_eos { Vec::new() } else { tokenizer.stop_ids().to_vec() };
+    if let Some(cfg) = &cluster {
+        let route = super::remote::Route {
+            prefill: args.prefill_node.as_deref(),
+            decode: args.decode_node.as_deref(),
+            json: args.json,
+        };
+        return super::remote::run(route, cfg, &tokenizer, prompt_ids, args.max_tokens, &sampling, stop_ids);
+    }
     let batch = args.batch as usize;
     let requests: Vec<Request> = (0..batch)
         .map(|i| Request {

@@ -6,6 +6,7 @@ pub mod cluster;
 mod generate;
 pub mod kvstore;
 mod model;
+mod remote;
 mod worker;
 
 use clap::{Parser, Subcommand};

@@ -24,11 +24,21 @@ pub struct WorkerArgs {
     no_store: bool,
 }
 
-fn store_client(cfg: &ClusterConfig, off: bool) -> anyhow::Result<Option<Arc<StoreClient>>> {
+/// The store client of a worker, checked against the master once: a master
+/// that is down is a warning, not a failure (requests are computed without
+/// the cache until it is back).
+async fn store_client(cfg: &ClusterConfig, off: bool) -> anyhow::Result<Option<Arc<StoreClient>>> {
     if off {
         return Ok(None);
     }
+    let master = &cfg.kvstore.client.master;
     let client = StoreClient::new(cfg.kvstore.client.clone()).context("connecting to the store master")?;
+    match client.stats().await {
+        Ok(s) => eprintln!("store master {master}: {} storage nodes, policy {}", s.nodes.len(), s.policy),
+        Err(e) => eprintln!(
+            "warning: store master {master} is unreachable ({e}); computing without the cache until it is back"
+        ),
+    }
     Ok(Some(Arc::new(client)))
 }
 
@@ -40,7 +50,7 @@ pub fn run_prefill(args: WorkerArgs) -> anyhow::Result<()> {
     let wm = WorkerModel { model: loaded.model, kv_dtype: cfg.model.kv_dtype()?, block_tokens: cfg.model.block_tokens };
     let rt = super::kvstore::runtime()?;
     rt.block_on(async {
-        let store = store_client(&cfg, args.no_store)?;
+        let store = store_client(&cfg, args.no_store).await?;
         let handle = tandem_prefill::serve(node, wm, store).await.map_err(anyhow::Error::msg)?;
         eprintln!("prefill node {} listening on {}", args.node, handle.local_addr());
         super::kvstore::shutdown_signal().await;
@@ -57,7 +67,7 @@ pub fn run_decode(args: WorkerArgs) -> anyhow::Result<()> {
     let (kv_dtype, block_tokens) = (cfg.model.kv_dtype()?, cfg.model.block_tokens);
     let rt = super::kvstore::runtime()?;
     rt.block_on(async {
-        let store = store_client(&cfg, args.no_store)?;
+        let store = store_client(&cfg, args.no_store).await?;
         let handle = tandem_decode::serve(node, loaded.model, kv_dtype, block_tokens, store)
             .await
             .map_err(anyhow::Error::msg)?;
