@@ -11,7 +11,6 @@ use tandem_kernels::Precision;
 use tandem_kvstore::client::{ClientConfig, StoreClient};
 use tandem_model::engine::{self, Engine, EngineOptions, Flow, Request};
 use tandem_model::kv_cache::KvDType;
-use tandem_model::sampling::SamplingParams;
 use tandem_proto::worker as pb;
 use tandem_proto::worker::decode_client::DecodeClient;
 use tandem_proto::worker::generate_event::Event;
@@ -299,7 +298,6 @@ fn check_equivalence_and_cache(c: &Cluster, reference: &mut Reference, block: us
         .enumerate()
         .map(|(i, &n)| request(&format!("eq-{i}"), prompt(seed + i as u64, n, vocab), 12))
         .collect();
-    let want = reference.generate(&reqs);
     // Seeded sampling continues on the decode node exactly as in one process.
     let mut seeded = request("seeded", prompt(seed + 50, block + 5, vocab), 16);
     seeded.sampling = Some(pb::SamplingParams { temperature: 0.9, top_k: 40, top_p: 0.95, seed: 42, logprobs: None });
