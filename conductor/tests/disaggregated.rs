@@ -374,15 +374,23 @@ fn check_concurrent(c: &Cluster, reference: &mut Reference, seed: u64) {
         })
         .collect();
     let want = reference.generate(&reqs);
+    let got = concurrently(c, &reqs, |i| (i % c.prefill.len(), (i / 2) % c.decode.len()));
+    for (i, g) in got.iter().enumerate() {
+        assert_eq!(g.tokens, want[i], "concurrent request {i}");
+    }
+}
+
+/// Runs every request at once, request `i` on the node pair `route(i)`.
+fn concurrently(c: &Cluster, reqs: &[pb::GenerateRequest], route: impl Fn(usize) -> (usize, usize)) -> Vec<Outcome> {
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let got: Vec<Outcome> = rt.block_on(async {
+    rt.block_on(async {
         let tasks: Vec<_> = reqs
             .iter()
             .enumerate()
             .map(|(i, r)| {
-                let p = c.prefill[i % c.prefill.len()].addr.clone();
-                let d = c.decode[(i / 2) % c.decode.len()].addr.clone();
-                tokio::spawn(generate_owned(p, d, r.clone()))
+                let (p, d) = route(i);
+                let (p, d, r) = (c.prefill[p].addr.clone(), c.decode[d].addr.clone(), r.clone());
+                tokio::spawn(async move { generate(&p, &d, r).await })
             })
             .collect();
         let mut out = Vec::new();
@@ -390,14 +398,7 @@ fn check_concurrent(c: &Cluster, reference: &mut Reference, seed: u64) {
             out.push(t.await.unwrap().unwrap());
         }
         out
-    });
-    for (i, g) in got.iter().enumerate() {
-        assert_eq!(g.tokens, want[i], "concurrent request {i}");
-    }
-}
-
-async fn generate_owned(p: String, d: String, r: pb::GenerateRequest) -> Result<Outcome, tonic::Status> {
-    generate(&p, &d, r).await
+    })
 }
 
 /// A caller that goes away mid-stream cancels its sequence.
@@ -441,18 +442,7 @@ fn tiny_bf16_blocks_of_64_over_tcp_with_one_node_each_and_preemption() {
     let reqs: Vec<pb::GenerateRequest> =
         (0..8).map(|i| request(&format!("grow-{i}"), prompt(2_500 + i, 60, 4096), 140)).collect();
     let want = reference.generate(&reqs);
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let got = rt.block_on(async {
-        let tasks: Vec<_> = reqs
-            .iter()
-            .map(|r| tokio::spawn(generate_owned(c.prefill[0].addr.clone(), c.decode[0].addr.clone(), r.clone())))
-            .collect();
-        let mut out = Vec::new();
-        for t in tasks {
-            out.push(t.await.unwrap().unwrap());
-        }
-        out
-    });
+    let got = concurrently(&c, &reqs, |_| (0, 0));
     for (i, g) in got.iter().enumerate() {
         assert_eq!(g.tokens, want[i], "sequence {i} through preemption");
     }

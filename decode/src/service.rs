@@ -21,7 +21,7 @@ use tandem_proto::worker::generate_event::Event;
 use tandem_proto::worker::{self as pb};
 use tandem_proto::{block_keys, BlockKey, KeySalt};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{TcpListenerStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 struct Inner {
@@ -130,29 +130,21 @@ pub async fn serve(
         store,
         stats: stats.clone(),
     });
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| format!("decode {}: cannot listen on {}: {e}", cfg.name, cfg.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let incoming = TcpListenerStream::new(listener);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let svc = DecodeServer::new(DecodeService { inner })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let server = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!("decode server stopped: {e}");
-        }
-    });
+    let server =
+        wire::spawn_server(&format!("decode {}", cfg.name), cfg.listen, tonic::service::Routes::new(svc)).await?;
+    let addr = server.addr;
     tracing::info!(node = %cfg.name, %addr, pages = num_pages, "decode node serving");
-    Ok(DecodeHandle { addr, shutdown: Some(stop_tx), server: Some(server), engine: Some(engine), draining, stats })
+    Ok(DecodeHandle {
+        addr,
+        shutdown: Some(server.stop),
+        server: Some(server.task),
+        engine: Some(engine),
+        draining,
+        stats,
+    })
 }
 
 struct DecodeService {

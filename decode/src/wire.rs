@@ -60,3 +60,39 @@ pub fn finish_reason(r: tandem_model::engine::FinishReason) -> &'static str {
         ContextFull => "context_full",
     }
 }
+
+/// A worker's gRPC server, serving until its stop sender fires or drops.
+#[derive(Debug)]
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    pub stop: tokio::sync::oneshot::Sender<()>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Binds `listen` (port 0 picks one) and serves `routes` there with
+/// graceful shutdown: on stop, in-flight streams run to their end.
+pub async fn spawn_server(
+    what: &str,
+    listen: std::net::SocketAddr,
+    routes: tonic::service::Routes,
+) -> Result<Server, String> {
+    let listener =
+        tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("{what}: cannot listen on {listen}: {e}"))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let what = what.to_owned();
+    let task = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_routes(routes)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = stopped.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!("{what}: server stopped: {e}");
+        }
+    });
+    Ok(Server { addr, stop, task })
+}

@@ -24,7 +24,7 @@ use tandem_proto::worker::prefill_server::{Prefill, PrefillServer};
 use tandem_proto::worker::{self as pb};
 use tandem_proto::{block_keys, BlockKey, KeySalt};
 use tokio::sync::{mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
@@ -136,29 +136,14 @@ pub async fn serve(
         stats: stats.clone(),
         decoders: Mutex::new(HashMap::new()),
     });
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .map_err(|e| format!("prefill {}: cannot listen on {}: {e}", cfg.name, cfg.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let incoming = TcpListenerStream::new(listener);
-    let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let svc = PrefillServer::new(PrefillService { inner })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let server = tokio::spawn(async move {
-        let result = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
-            .add_service(svc)
-            .serve_with_incoming_shutdown(incoming, async {
-                let _ = stop_rx.await;
-            })
-            .await;
-        if let Err(e) = result {
-            tracing::error!("prefill server stopped: {e}");
-        }
-    });
+    let server =
+        wire::spawn_server(&format!("prefill {}", cfg.name), cfg.listen, tonic::service::Routes::new(svc)).await?;
+    let addr = server.addr;
     tracing::info!(node = %cfg.name, %addr, pages = num_pages, "prefill node serving");
-    Ok(PrefillHandle { addr, shutdown: Some(stop_tx), server: Some(server), engine: Some(engine), stats })
+    Ok(PrefillHandle { addr, shutdown: Some(server.stop), server: Some(server.task), engine: Some(engine), stats })
 }
 
 struct PrefillService {
