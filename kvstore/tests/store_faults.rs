@@ -186,3 +186,54 @@ async fn dropped_and_delayed_transfers_fall_back_to_other_replicas() {
     store.assert_clean().await;
     store.stop().await;
 }
+
+/// A staged put written in pieces (as prefill writes one layer at a time):
+/// the pieces land at their offsets on every replica, an overrunning or
+/// failed piece leaves its block unpublished, and an aborted put leaves no
+/// reservation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_puts_are_written_in_pieces_and_failures_publish_nothing() {
+    use tandem_kvstore::checksum::BlockChecksum;
+    use tandem_kvstore::client::BlockWrite;
+    let store = start_store().await;
+    for prefer in [TransportPreference::Shm, TransportPreference::Tcp] {
+        let c = store.client(prefer);
+        let base = if prefer == TransportPreference::Shm { 500 } else { 600 };
+        let (len, layers) = (64 * 1024, 4);
+        let keys = [base, base + 1, base + 2];
+        let data: Vec<Vec<u8>> = keys.iter().map(|k| block(*k, len)).collect();
+        let items: Vec<(BlockKey, u64)> = keys.iter().map(|k| (BlockKey(*k), len as u64)).collect();
+        let mut put = c.put_begin(&items).await.unwrap();
+        assert!((0..3).all(|i| put.is_writable(i)));
+        let piece = len / layers;
+        for l in 0..layers {
+            let writes: Vec<BlockWrite<'_>> = (0..3)
+                .map(|i| BlockWrite {
+                    item: i,
+                    offset: (l * piece) as u64,
+                    bytes: &data[i][l * piece..(l + 1) * piece],
+                })
+                .collect();
+            c.put_write(&mut put, &writes).await;
+        }
+        // A piece past the end of block 2 fails that block only.
+        c.put_write(&mut put, &[BlockWrite { item: 2, offset: (len - 8) as u64, bytes: &[0; 16] }]).await;
+        assert!(!put.is_writable(2));
+        let sums: Vec<BlockChecksum> = data.iter().map(|d| BlockChecksum::of(d)).collect();
+        let outcomes = c.put_commit(put, &sums).await.unwrap();
+        assert_eq!(outcomes[..2], [PutOutcome::Stored, PutOutcome::Stored]);
+        assert!(matches!(outcomes[2], PutOutcome::Failed(_)), "{:?}", outcomes[2]);
+        assert_eq!(read_all(&c, &keys[..2], len).await, 2, "pieces reassemble into the blocks");
+        assert_eq!(read_all(&c, &keys[2..], len).await, 0, "the failed block was not published");
+
+        // An abandoned put is given back; so is one committed with the
+        // wrong number of checksums.
+        let put = c.put_begin(&items[2..]).await.unwrap();
+        c.put_abort(put).await.unwrap();
+        let put = c.put_begin(&items[2..]).await.unwrap();
+        assert!(c.put_commit(put, &[]).await.is_err());
+        store.assert_clean().await;
+        assert_eq!(read_all(&c, &keys[2..], len).await, 0);
+    }
+    store.stop().await;
+}
