@@ -79,12 +79,13 @@ pub async fn spawn_server(
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("{what}: cannot listen on {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // Tokens are small writes: without TCP_NODELAY they wait for the
+    // client's delayed ACK (40 ms bursts).
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let what = what.to_owned();
     let task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
-            .tcp_nodelay(true)
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;
