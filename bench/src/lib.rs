@@ -5,6 +5,8 @@
 //! - [`stats`] — medians and result files under `bench/results/`.
 //! - [`kvstore`] — the KV store against memcpy, raw tcp and Redis, and its
 //!   eviction policies on the Mooncake trace (`tandem bench kvstore`).
+//! - [`serving`] — prefill and decode nodes with the store: layer-wise
+//!   write overlap and decode TBT under prefetch (`tandem bench serving`).
 //!
 //! Binaries: `bench-attention` (paged decode attention vs memory
 //! bandwidth, paged vs contiguous). The engine benchmark against llama.cpp
@@ -12,4 +14,5 @@
 
 pub mod baseline;
 pub mod kvstore;
+pub mod serving;
 pub mod stats;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use clap::{Args, Subcommand};
 use tandem_bench::kvstore::{self, KvBenchConfig, Stage};
+use tandem_bench::serving::{self, ServingBenchConfig};
 
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
@@ -37,6 +38,29 @@ pub enum BenchCommand {
     ///
     /// Example: tandem bench kvstore --quick --json /tmp/kvstore.json
     Kvstore(KvstoreBenchArgs),
+    /// Benchmark the prefill and decode workers with the KV store.
+    ///
+    /// Two measurements on the tiny test model (f32 KV, blocks of 16
+    /// tokens), every server in this process on loopback with an
+    /// in-process store (master + one storage node over shm), each a ratio
+    /// against a baseline measured in the same run (medians):
+    ///
+    /// write overlap: time from sending a 2000-token prompt until its
+    /// handoff, on a prefill node that writes every new block to the store
+    /// layer by layer while the next layer computes vs a node that only
+    /// computes (target <= 1.15); also the prefill speed.
+    ///
+    /// decode TBT: time between tokens of a full decode batch (4 streams)
+    /// while the blocks of 16 prefilled 2000-token prompts are fetched from
+    /// the store (handed over again in waves until the window covers 20
+    /// decode steps) vs quiet windows of the same streams (median and p90,
+    /// targets <= 1.2).
+    ///
+    /// Progress goes to stderr, the table to stdout, the JSON to
+    /// bench/results/serving.json (or --json).
+    ///
+    /// Example: tandem bench serving --quick --json /tmp/serving.json
+    Serving(ServingBenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +88,22 @@ pub struct KvstoreBenchArgs {
     reps: Option<u16>,
 }
 
+#[derive(Debug, Args)]
+pub struct ServingBenchArgs {
+    /// Fewer repetitions (2 prefills per node, 2 decode rounds): noisier.
+    #[arg(long)]
+    quick: bool,
+    /// Where to write the JSON result (default: bench/results/serving.json).
+    #[arg(long, value_name = "FILE")]
+    json: Option<PathBuf>,
+    /// The model every node serves (its context must exceed 2000 tokens).
+    #[arg(long, value_name = "DIR", default_value_os_t = serving::default_model())]
+    model: PathBuf,
+    /// Directory for segment files (default: /dev/shm, else a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    shm_dir: Option<PathBuf>,
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Kvstore(args) => {
@@ -76,6 +116,17 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 reps: args.reps.map(usize::from),
             };
             let report = kvstore::run(&cfg)?;
+            print!("{}", report.table);
+            let path = report.write(args.json.as_deref())?;
+            eprintln!("wrote {}", path.display());
+            if !report.failed_stages.is_empty() {
+                bail!("stages failed: {} (see the report)", report.failed_stages.join(", "));
+            }
+            Ok(())
+        }
+        BenchCommand::Serving(args) => {
+            let cfg = ServingBenchConfig { quick: args.quick, model: args.model, shm_dir: args.shm_dir };
+            let report = serving::run(&cfg)?;
             print!("{}", report.table);
             let path = report.write(args.json.as_deref())?;
             eprintln!("wrote {}", path.display());
