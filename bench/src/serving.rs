@@ -70,16 +70,18 @@ impl Settings {
             store_dram: ByteSize::gib(1),
             transport: "shm",
             overlap: overlap::OverlapSettings { prompt_tokens: 2000, chunk_tokens: 512, reps: if q { 2 } else { 5 } },
-            // 8 prompts of 1500 tokens (744 blocks, 23 MiB) were fetched in
-            // ~11 decode steps on a 2-core machine; 16 of 2000 tokens (2000
-            // blocks, 62.5 MiB) per wave, and waves until 20 steps, give
-            // every prefetch window enough steps to measure.
+            // The decode node paces prefetch (`prefetch_duty`, 0.2 by
+            // default) while its batch decodes: a wave of 4 prompts of 2000
+            // tokens (500 blocks, 15.6 MiB) then spans ~70 decode steps on a
+            // 2-core machine; waves repeat until a window has 20 steps.
+            // Running streams may take 2000 tokens (the tiny model's
+            // context is 2048), room for every round's windows.
             tbt: tbt::TbtSettings {
                 max_batch: 4,
-                long_prompts: 16,
+                long_prompts: 4,
                 long_prompt_tokens: 2000,
                 short_prompt_tokens: 32,
-                max_tokens: 1000,
+                max_tokens: 2000,
                 warmup_steps: 8,
                 quiet_steps: 40,
                 rounds: if q { 2 } else { 5 },

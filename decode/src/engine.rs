@@ -64,17 +64,48 @@ impl Admission {
     }
 }
 
-/// Reads `a`'s leading blocks from the store (any failure is a miss; the
-/// engine recomputes what is missing).
-pub async fn fetch(store: Option<&StoreClient>, a: &mut Admission, block_bytes: usize) {
-    let Some(store) = store else { return };
-    if a.keys.is_empty() {
-        return;
+/// Blocks read per store call while prefetching.
+const FETCH_BATCH: usize = 16;
+
+/// Paces prefetch so it yields to decoding: fetches run one batch at a
+/// time across the whole node, and while sequences are decoding each batch
+/// is followed by a pause that keeps prefetch to `duty` of the wall clock
+/// (on a CPU node the copy and checksum compete with the forward pass for
+/// cores). With nothing decoding, fetches run flat out.
+#[derive(Debug)]
+pub struct Pacer {
+    turn: tokio::sync::Mutex<()>,
+    duty: f64,
+    stats: Arc<EngineStats>,
+}
+
+impl Pacer {
+    pub fn new(duty: f64, stats: Arc<EngineStats>) -> Pacer {
+        Pacer { turn: tokio::sync::Mutex::new(()), duty: duty.clamp(0.01, 1.0), stats }
     }
+}
+
+/// Reads `a`'s leading blocks from the store (any failure is a miss; the
+/// engine recomputes what is missing), in paced batches.
+pub async fn fetch(store: Option<&StoreClient>, a: &mut Admission, block_bytes: usize, pacer: &Pacer) {
+    let Some(store) = store else { return };
     let started = Instant::now();
-    match store.get(&a.keys, block_bytes).await {
-        Ok(blocks) => a.fetched = blocks.into_iter().map_while(|b| b.filter(|b| b.len() == block_bytes)).collect(),
-        Err(e) => tracing::warn!(request = %a.id, "store read failed; recomputing: {e}"),
+    let mut asked = 0;
+    while a.fetched.len() == asked && asked < a.keys.len() {
+        let keys = &a.keys[asked..(asked + FETCH_BATCH).min(a.keys.len())];
+        asked += keys.len();
+        let turn = pacer.turn.lock().await;
+        let busy = Instant::now();
+        match store.get(keys, block_bytes).await {
+            // A miss ends the usable prefix: the loop stops after it.
+            Ok(blocks) => a.fetched.extend(blocks.into_iter().map_while(|b| b.filter(|b| b.len() == block_bytes))),
+            Err(e) => tracing::warn!(request = %a.id, "store read failed; recomputing: {e}"),
+        }
+        let busy = busy.elapsed();
+        if pacer.duty < 1.0 && pacer.stats.batch_size.load(Ordering::Relaxed) > 0 {
+            tokio::time::sleep(busy.mul_f64(1.0 / pacer.duty - 1.0)).await;
+        }
+        drop(turn);
     }
     a.stats.fetch += started.elapsed();
     a.stats.fetched_blocks += a.fetched.len() as u32;
@@ -121,6 +152,7 @@ pub struct DecodeEngine {
     pub resubmit: Sender<Admission>,
     /// Set when the node shuts down: the engine exits once idle.
     pub draining: Arc<AtomicBool>,
+    pub pacer: Arc<Pacer>,
 }
 
 impl DecodeEngine {
@@ -246,8 +278,9 @@ impl DecodeEngine {
         let back = self.resubmit.clone();
         let block_bytes = self.cache.block_bytes();
         let mut a = r.a;
+        let pacer = self.pacer.clone();
         self.rt.spawn(async move {
-            fetch(store.as_deref(), &mut a, block_bytes).await;
+            fetch(store.as_deref(), &mut a, block_bytes, &pacer).await;
             let _ = back.send(a);
         });
     }

@@ -6,7 +6,8 @@
 //! the request joins the **continuous batch**: every step advances every
 //! running sequence by one token and streams it to its caller. Blocks that
 //! fill during decoding are written back to the store, so the next turn of
-//! a conversation hits the cache. When KV pages run out, the most recently
+//! a conversation hits the cache. Prefetch is paced to a share of the
+//! wall clock while sequences decode (`prefetch_duty`). When KV pages run out, the most recently
 //! admitted sequence is preempted: its full blocks are in the store, its
 //! partial block is kept, and it re-joins after a fresh fetch (anything
 //! the store lost is recomputed).
@@ -41,6 +42,11 @@ pub struct DecodeConfig {
     pub threads: usize,
     /// Write blocks that fill during decoding back to the store.
     pub write_back: bool,
+    /// Share of the wall clock prefetch may take while sequences are
+    /// decoding (1: unpaced). On CPU nodes block copies and checksums
+    /// compete with the forward pass for cores; pacing keeps the running
+    /// batch's token rate steady at the cost of slower fetches.
+    pub prefetch_duty: f64,
 }
 
 impl Default for DecodeConfig {
@@ -54,6 +60,7 @@ impl Default for DecodeConfig {
             chunk_tokens: 512,
             threads: 0,
             write_back: true,
+            prefetch_duty: 0.2,
         }
     }
 }
@@ -74,6 +81,9 @@ impl DecodeConfig {
         }
         if self.kv_memory.as_u64() == 0 {
             return Err(format!("decode {}: kv_memory must be positive", self.name));
+        }
+        if !(self.prefetch_duty > 0.0 && self.prefetch_duty <= 1.0) {
+            return Err(format!("decode {}: prefetch_duty must be in (0, 1]", self.name));
         }
         Ok(())
     }

@@ -3,7 +3,7 @@
 //! token at once, reads the blocks from the store while the engine keeps
 //! decoding, then hands the sequence to the engine's continuous batch.
 
-use crate::engine::{fetch, finished_event, Admission, DecodeEngine, EngineStats, RequestStats};
+use crate::engine::{fetch, finished_event, Admission, DecodeEngine, EngineStats, Pacer, RequestStats};
 use crate::{wire, DecodeConfig};
 use futures::Stream;
 use std::net::SocketAddr;
@@ -37,6 +37,7 @@ struct Inner {
     max_waiting: usize,
     admissions: crossbeam_channel::Sender<Admission>,
     store: Option<Arc<StoreClient>>,
+    pacer: Arc<Pacer>,
     stats: Arc<EngineStats>,
 }
 
@@ -96,6 +97,7 @@ pub async fn serve(
     stats.free_pages.store(num_pages as u64, Ordering::Relaxed);
     let draining = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
+    let pacer = Arc::new(Pacer::new(cfg.prefetch_duty, stats.clone()));
     let engine = DecodeEngine {
         name: cfg.name.clone(),
         model,
@@ -110,6 +112,7 @@ pub async fn serve(
         rx,
         resubmit: tx.clone(),
         draining: draining.clone(),
+        pacer: pacer.clone(),
     };
     let engine = std::thread::Builder::new()
         .name(format!("decode-{}", cfg.name))
@@ -128,6 +131,7 @@ pub async fn serve(
         max_waiting: cfg.max_waiting,
         admissions: tx,
         store,
+        pacer,
         stats: stats.clone(),
     });
     let svc = DecodeServer::new(DecodeService { inner })
@@ -243,7 +247,7 @@ impl Decode for DecodeService {
         }
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            fetch(inner.store.as_deref(), &mut a, inner.block_bytes).await;
+            fetch(inner.store.as_deref(), &mut a, inner.block_bytes, &inner.pacer).await;
             if let Err(e) = inner.admissions.send(a) {
                 let _ = e.0.out.send(Err(Status::unavailable("the decode engine has stopped")));
             }

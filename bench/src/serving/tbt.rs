@@ -1,8 +1,9 @@
 //! Stage 2: does fetching other requests' blocks from the store slow the
 //! running decode batch? A decode node runs a full batch (`max_batch`
 //! streams of short prompts that never stop); every token's arrival is
-//! recorded client side. Rounds alternate a quiet window (the batch alone)
-//! with a prefetch window: long prompts, prefilled beforehand so their
+//! recorded client side. Each round brackets a prefetch window with two
+//! quiet windows (the batch alone; the context grows during a round, so
+//! the quiet reference sits on both sides). In the prefetch window, long prompts, prefilled beforehand so their
 //! blocks are in the store, are handed to the node, which fetches their
 //! blocks on its async runtime while the engine keeps decoding. The batch
 //! is full, so they wait, fetched, without joining it. When a wave of them
@@ -423,7 +424,7 @@ async fn rounds(
         check_full_batch(decode, s.max_batch)?;
         // Leave room for this round's windows and the drain after them.
         let left = (s.max_tokens as usize).saturating_sub(batch.min_tokens());
-        let need = (s.quiet_steps + 2 * longest_window + 10) as usize;
+        let need = (2 * s.quiet_steps + 2 * longest_window + 10) as usize;
         if left < need {
             let note = format!(
                 "stopped after {r} of {} rounds: the running streams had {left} of their {} tokens left",
@@ -455,6 +456,17 @@ async fn rounds(
         })
         .await?;
         batch.check_running()?;
+        // A second quiet window right after: the context (and so the step
+        // time) grows during the round, so the quiet reference brackets the
+        // prefetch window from both sides instead of only preceding it.
+        batch.caught_up(steps()).await?;
+        let (a_from, a_steps) = (Instant::now(), steps());
+        wait_until("the second quiet window's decode steps", WAIT_TIMEOUT, || steps() >= a_steps + s.quiet_steps)
+            .await?;
+        let (a_span, a_end) = (a_from.elapsed(), steps());
+        let mut quiet_gaps = quiet_gaps;
+        quiet_gaps.extend(batch.window_gaps(a_steps, a_end).await?);
+        let (q_span, q_end) = (q_span + a_span, q_end + (a_end - a_steps));
 
         let quiet = window(&quiet_gaps, q_span, q_end - q_steps);
         let prefetch = window(&prefetch_gaps, p_span, p_end - p_steps);
