@@ -31,6 +31,20 @@ pub fn write_result(name: &str, value: &serde_json::Value) -> anyhow::Result<Pat
     Ok(path)
 }
 
+/// Writes a result to `path` when given, else to `bench/results/<name>`.
+pub fn write_result_to(
+    path: Option<&std::path::Path>,
+    name: &str,
+    value: &serde_json::Value,
+) -> anyhow::Result<PathBuf> {
+    let Some(p) = path else { return write_result(name, value) };
+    if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(p, serde_json::to_string_pretty(value)? + "\n")?;
+    Ok(p.to_owned())
+}
+
 /// A short description of the machine for result files.
 pub fn machine() -> serde_json::Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")

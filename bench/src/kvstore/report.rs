@@ -55,16 +55,7 @@ pub struct Report {
 impl Report {
     /// Writes the JSON to `path`, or to `bench/results/kvstore.json`.
     pub fn write(&self, path: Option<&Path>) -> anyhow::Result<PathBuf> {
-        match path {
-            Some(p) => {
-                if let Some(dir) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                    std::fs::create_dir_all(dir)?;
-                }
-                std::fs::write(p, serde_json::to_string_pretty(&self.json)? + "\n")?;
-                Ok(p.to_owned())
-            }
-            None => stats::write_result("kvstore.json", &self.json),
-        }
+        stats::write_result_to(path, "kvstore.json", &self.json)
     }
 
     pub(crate) fn build(cfg: &KvBenchConfig, settings: &Settings, out: Outcome) -> Report {
