@@ -673,3 +673,32 @@ fn a_decode_node_told_to_stop_finishes_its_streams_first() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn check_config_lists_the_example_cluster_and_names_mistakes() {
+    let run = |path: &Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["check-config", "--config"])
+            .arg(path)
+            .output()
+            .unwrap()
+    };
+    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../etc/cluster.toml");
+    let out = run(&example);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("valid"), "{text}");
+    assert!(text.contains("prefill-0") && text.contains("decode-0") && text.contains("store-b"), "{text}");
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    for (body, named) in [
+        ("[[decode]]\nname = \"d\"\nmax_batchh = 3\n", "max_batchh"),
+        ("[[decode]]\nname = \"d\"\nprefetch_duty = 0\n", "prefetch_duty"),
+        ("[model]\nblock_tokens = 0\n", "block_tokens"),
+        ("[[prefill]]\nname = \"x\"\n[[decode]]\nname = \"x\"\n", "used twice"),
+    ] {
+        std::fs::write(&bad, body).unwrap();
+        let out = run(&bad);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(named), "{body:?}: {err}");
+    }
+}

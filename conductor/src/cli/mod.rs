@@ -2,6 +2,7 @@
 //! over the crate that does the work.
 
 mod bench;
+mod check;
 pub mod cluster;
 mod generate;
 pub mod kvstore;
@@ -51,6 +52,11 @@ pub enum Command {
     ///
     /// Example: tandem decode --config etc/cluster.toml --node decode-0
     Decode(worker::WorkerArgs),
+    /// Validate a cluster file (every section, names, addresses, sizes)
+    /// without starting anything, and list its nodes.
+    ///
+    /// Example: tandem check-config --config etc/cluster.toml
+    CheckConfig(check::CheckArgs),
     /// Benchmarks reported as ratios against same-run baselines.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -65,6 +71,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Kvstore(cmd) => kvstore::run(cmd),
         Command::Prefill(args) => worker::run_prefill(args),
         Command::Decode(args) => worker::run_decode(args),
+        Command::CheckConfig(args) => check::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }
 }

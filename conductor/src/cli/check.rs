@@ -1,0 +1,38 @@
+//! `tandem check-config`: read and validate a cluster file without starting
+//! anything, and say what it describes.
+
+use super::cluster::ClusterConfig;
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// Cluster file (TOML) to validate.
+    #[arg(long, short)]
+    config: PathBuf,
+}
+
+pub fn run(args: CheckArgs) -> anyhow::Result<()> {
+    let cfg = ClusterConfig::load(&args.config)?;
+    let m = &cfg.model;
+    println!("{}: valid", args.config.display());
+    println!(
+        "model     {} ({} KV, blocks of {} tokens, {} precision)",
+        m.path, m.kv_dtype, m.block_tokens, m.precision
+    );
+    let master = &cfg.kvstore.master;
+    println!("master    {} on {}", master.name, master.listen);
+    for s in &cfg.kvstore.storage {
+        println!("storage   {} on {} (data {}), DRAM {}, SSD {}", s.name, s.listen, s.data_listen, s.dram, s.ssd);
+    }
+    for p in &cfg.prefill {
+        println!("prefill   {} on {}, KV {}, chunk {} tokens", p.name, p.listen, p.kv_memory, p.chunk_tokens);
+    }
+    for d in &cfg.decode {
+        println!("decode    {} on {}, KV {}, max batch {}", d.name, d.listen, d.kv_memory, d.max_batch);
+    }
+    if cfg.prefill.is_empty() != cfg.decode.is_empty() {
+        println!("warning: the file has prefill nodes or decode nodes but not both");
+    }
+    Ok(())
+}
