@@ -35,6 +35,8 @@ struct Inner {
     context: usize,
     num_pages: usize,
     max_waiting: usize,
+    /// Accepted handoffs still fetching their blocks.
+    pending: Arc<std::sync::atomic::AtomicU64>,
     admissions: crossbeam_channel::Sender<Admission>,
     store: Option<Arc<StoreClient>>,
     pacer: Arc<Pacer>,
@@ -129,6 +131,7 @@ pub async fn serve(
         context,
         num_pages,
         max_waiting: cfg.max_waiting,
+        pending: Arc::default(),
         admissions: tx,
         store,
         pacer,
@@ -204,12 +207,13 @@ impl Decode for DecodeService {
                 i.name, i.num_pages
             )));
         }
-        if i.stats.waiting.load(Ordering::Relaxed) as usize >= i.max_waiting {
+        let waiting = i.stats.waiting.load(Ordering::Relaxed);
+        let Some(pending) = wire::Pending::take(&i.pending, waiting, i.max_waiting) else {
             return Err(Status::resource_exhausted(format!(
                 "decode node {} has {} handoffs waiting",
                 i.name, i.max_waiting
             )));
-        }
+        };
         let params = wire::sampling_params(r.sampling.as_ref().expect("validated"));
         let sampler = Sampler::resume(params, h.sampler_step).map_err(|e| Status::invalid_argument(e.to_string()))?;
 
@@ -251,6 +255,7 @@ impl Decode for DecodeService {
             if let Err(e) = inner.admissions.send(a) {
                 let _ = e.0.out.send(Err(Status::unavailable("the decode engine has stopped")));
             }
+            drop(pending);
         });
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(events))))
     }

@@ -97,3 +97,64 @@ pub async fn spawn_server(
     });
     Ok(Server { addr, stop, task })
 }
+
+/// Counts requests a worker has accepted but not yet handed to its engine
+/// (reading from the store), so queue limits see them too. The count drops
+/// when the guard does, whatever path the request takes.
+#[derive(Debug)]
+pub struct Pending(std::sync::Arc<std::sync::atomic::AtomicU64>);
+
+impl Pending {
+    /// Takes a slot unless `queued` (the engine's own count) plus those
+    /// already pending reach `limit`.
+    pub fn take(counter: &std::sync::Arc<std::sync::atomic::AtomicU64>, queued: u64, limit: usize) -> Option<Pending> {
+        use std::sync::atomic::Ordering;
+        let before = counter.fetch_add(1, Ordering::AcqRel);
+        if (queued + before) as usize >= limit {
+            counter.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Pending(counter.clone()))
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    #[test]
+    fn pending_slots_count_against_the_limit_until_dropped() {
+        let counter = Arc::new(AtomicU64::new(0));
+        let a = Pending::take(&counter, 1, 3).expect("1 queued + 0 pending < 3");
+        let b = Pending::take(&counter, 1, 3).expect("1 queued + 1 pending < 3");
+        assert!(Pending::take(&counter, 1, 3).is_none(), "limit reached");
+        assert_eq!(counter.load(Ordering::Relaxed), 2, "a refused take leaves no trace");
+        drop(a);
+        let _c = Pending::take(&counter, 1, 3).expect("a slot came back");
+        drop(b);
+        assert_eq!(counter.load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn model_checks_name_the_problem() {
+        let r = |prompt: Vec<u32>, stop: Vec<u32>| pb::GenerateRequest {
+            request_id: String::new(),
+            prompt,
+            max_tokens: 1,
+            sampling: None,
+            stop_ids: stop,
+        };
+        assert!(check_against_model(&r(vec![1, 2], vec![3]), 10, 100).is_ok());
+        assert!(check_against_model(&r(vec![1, 10], vec![]), 10, 100).unwrap_err().contains("vocabulary"));
+        assert!(check_against_model(&r(vec![1], vec![99]), 10, 100).unwrap_err().contains("99"));
+        assert!(check_against_model(&r(vec![1; 100], vec![]), 10, 100).unwrap_err().contains("context"));
+    }
+}

@@ -47,6 +47,8 @@ struct Inner {
     vocab: usize,
     context: usize,
     max_queue: usize,
+    /// Accepted requests still reading their cached prefix.
+    pending: Arc<std::sync::atomic::AtomicU64>,
     jobs: crossbeam_channel::Sender<Job>,
     store: Option<Arc<StoreClient>>,
     stats: Arc<EngineStats>,
@@ -131,6 +133,7 @@ pub async fn serve(
         vocab,
         context,
         max_queue: cfg.max_queue,
+        pending: Arc::default(),
         jobs: jobs_tx,
         store,
         stats: stats.clone(),
@@ -172,16 +175,17 @@ impl Prefill for PrefillService {
                 inner.name, inner.num_pages
             )));
         }
-        if inner.stats.queued_requests.load(Ordering::Relaxed) as usize >= inner.max_queue {
+        let queued = inner.stats.queued_requests.load(Ordering::Relaxed);
+        let Some(pending) = wire::Pending::take(&inner.pending, queued, inner.max_queue) else {
             return Err(Status::resource_exhausted(format!(
                 "prefill node {} has {} requests queued (max_queue)",
                 inner.name, inner.max_queue
             )));
-        }
+        };
         let (tx, rx) = mpsc::channel(64);
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            let work = inner.run(r, req.decode_addr, req.cached_blocks, &tx);
+            let work = inner.run(r, req.decode_addr, req.cached_blocks, &tx, pending);
             tokio::select! {
                 result = work => if let Err(status) = result {
                     let _ = tx.send(Err(status)).await;
@@ -224,6 +228,7 @@ impl Inner {
         decode_addr: String,
         cached_hint: u32,
         tx: &mpsc::Sender<Result<pb::GenerateEvent, Status>>,
+        pending: wire::Pending,
     ) -> Result<(), Status> {
         let enqueued = Instant::now();
         let keys = block_keys(self.salt, &r.prompt, self.block_tokens);
@@ -246,6 +251,9 @@ impl Inner {
             reply: reply_tx,
         };
         self.jobs.send(job).map_err(|_| Status::unavailable("the prefill engine has stopped"))?;
+        // The engine counts it from here (it may take a moment to notice).
+        tokio::task::yield_now().await;
+        drop(pending);
         let done: Prefilled = reply_rx
             .await
             .map_err(|_| Status::internal("the prefill engine dropped the request"))?
