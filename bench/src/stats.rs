@@ -22,6 +22,16 @@ pub fn results_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("results"))
 }
 
+/// A path as result files record it: relative to the repository when it
+/// lies inside it, so results name no machine's folders.
+pub fn repo_relative(path: &Path) -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let (Ok(root), Ok(full)) = (root.canonicalize(), path.canonicalize()) else {
+        return path.display().to_string();
+    };
+    full.strip_prefix(&root).map_or_else(|_| path.display().to_string(), |p| p.display().to_string())
+}
+
 /// Writes `value` as pretty JSON to `results_dir()/name`.
 pub fn write_result(name: &str, value: &serde_json::Value) -> anyhow::Result<PathBuf> {
     let dir = results_dir();

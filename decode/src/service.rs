@@ -183,7 +183,7 @@ impl Decode for DecodeService {
                 i.block_tokens
             )));
         }
-        let r = h.request.expect("validated");
+        let r = h.request.ok_or_else(|| Status::invalid_argument("the handoff has no request"))?;
         wire::check_against_model(&r, i.vocab, i.context).map_err(Status::invalid_argument)?;
         if h.partial_tokens > 0 && h.partial_block.len() != i.block_bytes {
             return Err(Status::invalid_argument(format!(
@@ -196,7 +196,7 @@ impl Decode for DecodeService {
         if keys.iter().map(|k| k.0).ne(h.block_keys.iter().copied()) {
             return Err(Status::invalid_argument("the handoff's block keys do not match its prompt"));
         }
-        let first = h.first_token.expect("validated");
+        let first = h.first_token.ok_or_else(|| Status::invalid_argument("the handoff has no first token"))?;
         if first.id as usize >= i.vocab {
             return Err(Status::invalid_argument(format!("first token {} is outside the vocabulary", first.id)));
         }
@@ -214,7 +214,9 @@ impl Decode for DecodeService {
                 i.name, i.max_waiting
             )));
         };
-        let params = wire::sampling_params(r.sampling.as_ref().expect("validated"));
+        let sampling =
+            r.sampling.as_ref().ok_or_else(|| Status::invalid_argument("the request has no sampling parameters"))?;
+        let params = wire::sampling_params(sampling);
         let sampler = Sampler::resume(params, h.sampler_step).map_err(|e| Status::invalid_argument(e.to_string()))?;
 
         let (out, events) = mpsc::unbounded_channel();

@@ -124,7 +124,7 @@ pub fn run(trace: &Path) -> anyhow::Result<EvictionResult> {
     }
     let lru_ok = ceilings.iter().all(|c| close(c.lru, c.readme_lru));
     Ok(EvictionResult {
-        trace: trace.display().to_string(),
+        trace: crate::stats::repo_relative(trace),
         requests: inf.requests,
         block_refs: inf.refs,
         unique_blocks: inf.unique_blocks,

@@ -195,18 +195,9 @@ pub fn run(cfg: &KvBenchConfig) -> anyhow::Result<Report> {
     out.secs = start.elapsed().as_secs_f64();
     out.load_after = sys::load_average();
     out.bench_cpu_secs = bench_cpu() - bench_before;
-    out.machine_busy_cpu_secs = busy_before.zip(sys::machine_busy_secs()).map(|(a, b)| b - a);
-    out.other_cpu_secs = out.machine_busy_cpu_secs.map(|busy| (busy - out.bench_cpu_secs).max(0.0));
-    if let Some(other) = out.other_cpu_secs.filter(|o| *o > 0.1 * out.secs) {
-        let note = format!(
-            "other processes used {other:.0} CPU seconds during this {:.0} s run (of {} cores): \
-             the machine was not idle, absolute numbers and ratios may be disturbed",
-            out.secs,
-            std::thread::available_parallelism().map_or(0, |n| n.get())
-        );
-        eprintln!("[kvstore bench] note: {note}");
-        out.notes.push(note);
-    }
+    let (busy, other, note) = sys::other_cpu("kvstore", out.secs, busy_before, out.bench_cpu_secs);
+    (out.machine_busy_cpu_secs, out.other_cpu_secs) = (busy, other);
+    out.notes.extend(note);
     drop(runtime);
     Ok(Report::build(cfg, &settings, out))
 }

@@ -380,7 +380,7 @@ fn to_json(
             "quick": cfg.quick,
             "clients": settings.versus.clients,
             "shm_dir": out.shm_dir.display().to_string(),
-            "trace": cfg.trace.display().to_string(),
+            "trace": stats::repo_relative(&cfg.trace),
             "tokio_worker_threads": std::thread::available_parallelism().map_or(0, |n| n.get()),
             "seconds": round(out.secs),
         },

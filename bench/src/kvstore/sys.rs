@@ -92,6 +92,28 @@ pub fn machine_busy_secs() -> Option<f64> {
 }
 
 /// The 1, 5 and 15 minute load averages.
+/// CPU seconds other processes took during a run, and a note for the
+/// report when they were enough to disturb it (over 10 % of the run).
+pub fn other_cpu(
+    tag: &str,
+    secs: f64,
+    busy_before: Option<f64>,
+    bench_cpu: f64,
+) -> (Option<f64>, Option<f64>, Option<String>) {
+    let busy = busy_before.zip(machine_busy_secs()).map(|(a, b)| b - a);
+    let other = busy.map(|busy| (busy - bench_cpu).max(0.0));
+    let note = other.filter(|o| *o > 0.1 * secs).map(|other| {
+        let note = format!(
+            "other processes used {other:.0} CPU seconds during this {secs:.0} s run (of {} cores): \
+             the machine was not idle, absolute numbers and ratios may be disturbed",
+            std::thread::available_parallelism().map_or(0, |n| n.get())
+        );
+        eprintln!("[{tag} bench] note: {note}");
+        note
+    });
+    (busy, other, note)
+}
+
 pub fn load_average() -> Option<[f64; 3]> {
     let text = std::fs::read_to_string("/proc/loadavg").ok()?;
     let mut it = text.split_whitespace().map(|s| s.parse::<f64>().ok());

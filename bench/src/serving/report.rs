@@ -223,7 +223,7 @@ fn to_json(
         "machine": machine,
         "settings": {
             "quick": cfg.quick,
-            "model": cfg.model.display().to_string(),
+            "model": stats::repo_relative(&cfg.model),
             "block_tokens": settings.block_tokens,
             "kv_dtype": settings.kv_dtype,
             "store_dram": settings.store_dram.to_string(),

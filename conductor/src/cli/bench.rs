@@ -116,24 +116,25 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
                 reps: args.reps.map(usize::from),
             };
             let report = kvstore::run(&cfg)?;
-            print!("{}", report.table);
             let path = report.write(args.json.as_deref())?;
-            eprintln!("wrote {}", path.display());
-            if !report.failed_stages.is_empty() {
-                bail!("stages failed: {} (see the report)", report.failed_stages.join(", "));
-            }
-            Ok(())
+            finish(&report.table, &path, &report.failed_stages)
         }
         BenchCommand::Serving(args) => {
             let cfg = ServingBenchConfig { quick: args.quick, model: args.model, shm_dir: args.shm_dir };
             let report = serving::run(&cfg)?;
-            print!("{}", report.table);
             let path = report.write(args.json.as_deref())?;
-            eprintln!("wrote {}", path.display());
-            if !report.failed_stages.is_empty() {
-                bail!("stages failed: {} (see the report)", report.failed_stages.join(", "));
-            }
-            Ok(())
+            finish(&report.table, &path, &report.failed_stages)
         }
     }
+}
+
+/// Prints a report's table and where it was saved; failed stages fail the
+/// command.
+fn finish(table: &str, saved: &std::path::Path, failed: &[String]) -> anyhow::Result<()> {
+    print!("{table}");
+    eprintln!("wrote {}", saved.display());
+    if !failed.is_empty() {
+        bail!("stages failed: {} (see the report)", failed.join(", "));
+    }
+    Ok(())
 }
