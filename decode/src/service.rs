@@ -13,27 +13,20 @@ use std::sync::Arc;
 use tandem_kvstore::client::StoreClient;
 use tandem_model::engine::FinishReason;
 use tandem_model::forward::Model;
-use tandem_model::kv_cache::{KvCache, KvDType};
+use tandem_model::kv_cache::KvDType;
 use tandem_model::sampling::Sampler;
 use tandem_proto::handoff::{validate_handoff, MAX_MESSAGE_BYTES};
 use tandem_proto::worker::decode_server::{Decode, DecodeServer};
 use tandem_proto::worker::generate_event::Event;
 use tandem_proto::worker::{self as pb};
-use tandem_proto::{block_keys, BlockKey, KeySalt};
+use tandem_proto::{block_keys, BlockKey};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::{Request, Response, Status};
 
 struct Inner {
     name: String,
-    salt: KeySalt,
-    fingerprint: String,
-    kv_dtype: KvDType,
-    block_tokens: usize,
-    block_bytes: usize,
-    vocab: usize,
-    context: usize,
-    num_pages: usize,
+    layout: wire::Layout,
     max_waiting: usize,
     /// Accepted handoffs still fetching their blocks.
     pending: Arc<std::sync::atomic::AtomicU64>,
@@ -88,13 +81,9 @@ pub async fn serve(
     store: Option<Arc<StoreClient>>,
 ) -> Result<DecodeHandle, String> {
     cfg.validate()?;
-    let geometry = model.kv_geometry(block_tokens);
-    let block_bytes = geometry.page_elems() * kv_dtype.bytes();
-    let num_pages = (cfg.kv_memory.as_u64() as usize / block_bytes.max(1)).max(1);
-    let cache = KvCache::new(geometry, num_pages, kv_dtype).map_err(|e| format!("decode {}: {e}", cfg.name))?;
-    let fingerprint = model.fingerprint();
-    let salt = KeySalt::new(&fingerprint, kv_dtype.name(), block_tokens);
-    let (vocab, context) = (model.config().vocab_size, model.config().max_position_embeddings);
+    let layout = wire::Layout::new(&model, kv_dtype, block_tokens, cfg.kv_memory.as_u64());
+    let cache = layout.cache(&model).map_err(|e| format!("decode {}: {e}", cfg.name))?;
+    let (salt, num_pages) = (layout.salt, layout.num_pages);
     let stats = Arc::new(EngineStats::default());
     stats.free_pages.store(num_pages as u64, Ordering::Relaxed);
     let draining = Arc::new(AtomicBool::new(false));
@@ -122,14 +111,7 @@ pub async fn serve(
         .map_err(|e| format!("starting the engine thread: {e}"))?;
     let inner = Arc::new(Inner {
         name: cfg.name.clone(),
-        salt,
-        fingerprint,
-        kv_dtype,
-        block_tokens,
-        block_bytes,
-        vocab,
-        context,
-        num_pages,
+        layout,
         max_waiting: cfg.max_waiting,
         pending: Arc::default(),
         admissions: tx,
@@ -168,9 +150,9 @@ impl Decode for DecodeService {
         let h = req.into_inner();
         let i = &self.inner;
         validate_handoff(&h).map_err(Status::invalid_argument)?;
-        if h.model_fingerprint != i.fingerprint
-            || h.kv_dtype != i.kv_dtype.name()
-            || h.block_tokens as usize != i.block_tokens
+        if h.model_fingerprint != i.layout.fingerprint
+            || h.kv_dtype != i.layout.kv_dtype.name()
+            || h.block_tokens as usize != i.layout.block_tokens
         {
             return Err(Status::failed_precondition(format!(
                 "handoff for model {} with {} KV in blocks of {}; decode node {} serves {} with {} KV in blocks of {}",
@@ -178,33 +160,33 @@ impl Decode for DecodeService {
                 h.kv_dtype,
                 h.block_tokens,
                 i.name,
-                i.fingerprint,
-                i.kv_dtype.name(),
-                i.block_tokens
+                i.layout.fingerprint,
+                i.layout.kv_dtype.name(),
+                i.layout.block_tokens
             )));
         }
         let r = h.request.ok_or_else(|| Status::invalid_argument("the handoff has no request"))?;
-        wire::check_against_model(&r, i.vocab, i.context).map_err(Status::invalid_argument)?;
-        if h.partial_tokens > 0 && h.partial_block.len() != i.block_bytes {
+        wire::check_against_model(&r, i.layout.vocab, i.layout.context).map_err(Status::invalid_argument)?;
+        if h.partial_tokens > 0 && h.partial_block.len() != i.layout.block_bytes {
             return Err(Status::invalid_argument(format!(
                 "partial block of {} bytes; blocks here are {} bytes",
                 h.partial_block.len(),
-                i.block_bytes
+                i.layout.block_bytes
             )));
         }
-        let keys = block_keys(i.salt, &r.prompt, i.block_tokens);
+        let keys = block_keys(i.layout.salt, &r.prompt, i.layout.block_tokens);
         if keys.iter().map(|k| k.0).ne(h.block_keys.iter().copied()) {
             return Err(Status::invalid_argument("the handoff's block keys do not match its prompt"));
         }
         let first = h.first_token.ok_or_else(|| Status::invalid_argument("the handoff has no first token"))?;
-        if first.id as usize >= i.vocab {
+        if first.id as usize >= i.layout.vocab {
             return Err(Status::invalid_argument(format!("first token {} is outside the vocabulary", first.id)));
         }
-        let pages = (r.prompt.len() + 1).div_ceil(i.block_tokens);
-        if pages > i.num_pages {
+        let pages = (r.prompt.len() + 1).div_ceil(i.layout.block_tokens);
+        if pages > i.layout.num_pages {
             return Err(Status::resource_exhausted(format!(
                 "the sequence needs {pages} KV pages; decode node {} has {}",
-                i.name, i.num_pages
+                i.name, i.layout.num_pages
             )));
         }
         let waiting = i.stats.waiting.load(Ordering::Relaxed);
@@ -242,7 +224,7 @@ impl Decode for DecodeService {
             Some(FinishReason::Stop)
         } else if a.max_tokens <= 1 {
             Some(FinishReason::Length)
-        } else if a.tokens.len() >= i.context {
+        } else if a.tokens.len() >= i.layout.context {
             Some(FinishReason::ContextFull)
         } else {
             None
@@ -253,7 +235,7 @@ impl Decode for DecodeService {
         }
         let inner = self.inner.clone();
         tokio::spawn(async move {
-            fetch(inner.store.as_deref(), &mut a, inner.block_bytes, &inner.pacer).await;
+            fetch(inner.store.as_deref(), &mut a, inner.layout.block_bytes, &inner.pacer).await;
             if let Err(e) = inner.admissions.send(a) {
                 let _ = e.0.out.send(Err(Status::unavailable("the decode engine has stopped")));
             }
@@ -270,7 +252,7 @@ impl Decode for DecodeService {
             node: i.name.clone(),
             batch_size: get(&s.batch_size) as u32,
             waiting: get(&s.waiting) as u32,
-            kv_pages_total: i.num_pages as u32,
+            kv_pages_total: i.layout.num_pages as u32,
             kv_pages_free: get(&s.free_pages) as u32,
             step_us: get(&s.step_ns) / 1000,
             completed_requests: get(&s.completed),
@@ -279,8 +261,8 @@ impl Decode for DecodeService {
             recomputed_tokens: get(&s.recomputed_tokens),
             written_back_blocks: get(&s.written_back),
             preemptions: get(&s.preemptions),
-            model_fingerprint: i.fingerprint.clone(),
-            block_tokens: i.block_tokens as u32,
+            model_fingerprint: i.layout.fingerprint.clone(),
+            block_tokens: i.layout.block_tokens as u32,
         }))
     }
 }

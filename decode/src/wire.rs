@@ -61,6 +61,49 @@ pub fn finish_reason(r: tandem_model::engine::FinishReason) -> &'static str {
     }
 }
 
+/// What a worker serves and how its KV is laid out: the model's identity
+/// and limits, the block size and dtype, and the page pool that fits its
+/// KV memory. Prefill and decode nodes must agree on all of it.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    pub salt: tandem_proto::KeySalt,
+    pub fingerprint: String,
+    pub kv_dtype: tandem_model::kv_cache::KvDType,
+    pub block_tokens: usize,
+    pub block_bytes: usize,
+    pub num_pages: usize,
+    pub vocab: usize,
+    pub context: usize,
+}
+
+impl Layout {
+    pub fn new(
+        model: &tandem_model::forward::Model,
+        kv_dtype: tandem_model::kv_cache::KvDType,
+        block_tokens: usize,
+        kv_memory: u64,
+    ) -> Layout {
+        let block_bytes = model.kv_geometry(block_tokens).page_elems() * kv_dtype.bytes();
+        let fingerprint = model.fingerprint();
+        Layout {
+            salt: tandem_proto::KeySalt::new(&fingerprint, kv_dtype.name(), block_tokens),
+            fingerprint,
+            kv_dtype,
+            block_tokens,
+            block_bytes,
+            num_pages: (kv_memory as usize / block_bytes.max(1)).max(1),
+            vocab: model.config().vocab_size,
+            context: model.config().max_position_embeddings,
+        }
+    }
+
+    /// The node's page pool.
+    pub fn cache(&self, model: &tandem_model::forward::Model) -> Result<tandem_model::kv_cache::KvCache, String> {
+        tandem_model::kv_cache::KvCache::new(model.kv_geometry(self.block_tokens), self.num_pages, self.kv_dtype)
+            .map_err(|e| e.to_string())
+    }
+}
+
 /// A worker's gRPC server, serving until its stop sender fires or drops.
 #[derive(Debug)]
 pub struct Server {

@@ -16,13 +16,13 @@ use std::time::{Duration, Instant};
 use tandem_decode::wire;
 use tandem_kvstore::client::StoreClient;
 use tandem_model::forward::Model;
-use tandem_model::kv_cache::{KvCache, KvDType};
+use tandem_model::kv_cache::KvDType;
 use tandem_proto::handoff::{validate_request, MAX_MESSAGE_BYTES};
 use tandem_proto::worker::decode_client::DecodeClient;
 use tandem_proto::worker::generate_event::Event;
 use tandem_proto::worker::prefill_server::{Prefill, PrefillServer};
 use tandem_proto::worker::{self as pb};
-use tandem_proto::{block_keys, BlockKey, KeySalt};
+use tandem_proto::{block_keys, BlockKey};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
@@ -38,14 +38,7 @@ pub struct WorkerModel {
 
 struct Inner {
     name: String,
-    salt: KeySalt,
-    fingerprint: String,
-    kv_dtype: KvDType,
-    block_tokens: usize,
-    block_bytes: usize,
-    num_pages: usize,
-    vocab: usize,
-    context: usize,
+    layout: wire::Layout,
     max_queue: usize,
     /// Accepted requests still reading their cached prefix.
     pending: Arc<std::sync::atomic::AtomicU64>,
@@ -98,13 +91,9 @@ pub async fn serve(
     store: Option<Arc<StoreClient>>,
 ) -> Result<PrefillHandle, String> {
     cfg.validate()?;
-    let geometry = wm.model.kv_geometry(wm.block_tokens);
-    let block_bytes = geometry.page_elems() * wm.kv_dtype.bytes();
-    let num_pages = (cfg.kv_memory.as_u64() as usize / block_bytes.max(1)).max(1);
-    let cache = KvCache::new(geometry, num_pages, wm.kv_dtype).map_err(|e| format!("prefill {}: {e}", cfg.name))?;
-    let fingerprint = wm.model.fingerprint();
-    let salt = KeySalt::new(&fingerprint, wm.kv_dtype.name(), wm.block_tokens);
-    let (vocab, context) = (wm.model.config().vocab_size, wm.model.config().max_position_embeddings);
+    let layout = wire::Layout::new(&wm.model, wm.kv_dtype, wm.block_tokens, cfg.kv_memory.as_u64());
+    let cache = layout.cache(&wm.model).map_err(|e| format!("prefill {}: {e}", cfg.name))?;
+    let num_pages = layout.num_pages;
     let stats = Arc::new(EngineStats::default());
     stats.free_pages.store(num_pages as u64, Ordering::Relaxed);
     let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
@@ -124,14 +113,7 @@ pub async fn serve(
 
     let inner = Arc::new(Inner {
         name: cfg.name.clone(),
-        salt,
-        fingerprint,
-        kv_dtype: wm.kv_dtype,
-        block_tokens: wm.block_tokens,
-        block_bytes,
-        num_pages,
-        vocab,
-        context,
+        layout,
         max_queue: cfg.max_queue,
         pending: Arc::default(),
         jobs: jobs_tx,
@@ -164,15 +146,15 @@ impl Prefill for PrefillService {
         let r = req.request.ok_or_else(|| Status::invalid_argument("the prefill request has no request"))?;
         validate_request(&r).map_err(Status::invalid_argument)?;
         let inner = &self.inner;
-        wire::check_against_model(&r, inner.vocab, inner.context).map_err(Status::invalid_argument)?;
+        wire::check_against_model(&r, inner.layout.vocab, inner.layout.context).map_err(Status::invalid_argument)?;
         if req.decode_addr.len() > 256 {
             return Err(Status::invalid_argument("decode_addr is longer than 256 bytes"));
         }
-        let pages = r.prompt.len().div_ceil(inner.block_tokens);
-        if pages > inner.num_pages {
+        let pages = r.prompt.len().div_ceil(inner.layout.block_tokens);
+        if pages > inner.layout.num_pages {
             return Err(Status::resource_exhausted(format!(
                 "the prompt needs {pages} KV pages; prefill node {} has {}",
-                inner.name, inner.num_pages
+                inner.name, inner.layout.num_pages
             )));
         }
         let queued = inner.stats.queued_requests.load(Ordering::Relaxed);
@@ -213,9 +195,9 @@ impl Prefill for PrefillService {
             computed_tokens: s.computed_tokens.load(Ordering::Relaxed),
             cached_tokens: s.cached_tokens.load(Ordering::Relaxed),
             stored_blocks: s.stored_blocks.load(Ordering::Relaxed),
-            model_fingerprint: i.fingerprint.clone(),
-            block_tokens: i.block_tokens as u32,
-            kv_pages_total: i.num_pages as u32,
+            model_fingerprint: i.layout.fingerprint.clone(),
+            block_tokens: i.layout.block_tokens as u32,
+            kv_pages_total: i.layout.num_pages as u32,
             kv_pages_free: s.free_pages.load(Ordering::Relaxed) as u32,
         }))
     }
@@ -231,10 +213,10 @@ impl Inner {
         pending: wire::Pending,
     ) -> Result<(), Status> {
         let enqueued = Instant::now();
-        let keys = block_keys(self.salt, &r.prompt, self.block_tokens);
+        let keys = block_keys(self.layout.salt, &r.prompt, self.layout.block_tokens);
         // At least the prompt's last token is computed: its logits give the
         // first token.
-        let usable = ((r.prompt.len() - 1) / self.block_tokens).min(keys.len());
+        let usable = ((r.prompt.len() - 1) / self.layout.block_tokens).min(keys.len());
         let cached = self.read_prefix(&keys[..usable]).await;
         if cached_hint as usize != cached.len() {
             tracing::debug!(request = %r.request_id, hint = cached_hint, read = cached.len(), "cached prefix differs from the scheduler's view");
@@ -273,9 +255,9 @@ impl Inner {
         };
         let handoff = pb::Handoff {
             request: Some(r),
-            model_fingerprint: self.fingerprint.clone(),
-            kv_dtype: self.kv_dtype.name().into(),
-            block_tokens: self.block_tokens as u32,
+            model_fingerprint: self.layout.fingerprint.clone(),
+            kv_dtype: self.layout.kv_dtype.name().into(),
+            block_tokens: self.layout.block_tokens as u32,
             block_keys: keys.iter().map(|k| k.0).collect(),
             partial_block: done.partial,
             partial_tokens: done.partial_tokens as u32,
@@ -323,8 +305,8 @@ impl Inner {
         if n == 0 {
             return Vec::new();
         }
-        match store.get(&keys[..n], self.block_bytes).await {
-            Ok(blocks) => blocks.into_iter().map_while(|b| b.filter(|b| b.len() == self.block_bytes)).collect(),
+        match store.get(&keys[..n], self.layout.block_bytes).await {
+            Ok(blocks) => blocks.into_iter().map_while(|b| b.filter(|b| b.len() == self.layout.block_bytes)).collect(),
             Err(e) => {
                 tracing::warn!("store read failed; computing the whole prompt: {e}");
                 Vec::new()
