@@ -13,6 +13,8 @@ set -euo pipefail
 #   librocksdb-dev        kvstore metadata and SSD index (the `rocksdb` crate links it)
 #   libclang-dev          bindgen for the rocksdb and ibverbs -sys crates
 #   redis-server          the store benchmark's same-run baseline
+#   protobuf-compiler     protoc, which the etcd-client crate's build script runs
+#   etcd-server           the etcd discovery test starts a real etcd (on its own ports)
 #   cmake pkg-config libnl-3-dev libnl-route-3-dev libibverbs-dev
 #                         the optional `rdma` transport (ibverbs); CI checks it compiles
 APT_PACKAGES=(
@@ -22,6 +24,8 @@ APT_PACKAGES=(
     librocksdb-dev
     libclang-dev
     redis-server
+    etcd-server
+    protobuf-compiler
     cmake
     pkg-config
     libnl-3-dev

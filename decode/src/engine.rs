@@ -115,6 +115,9 @@ pub async fn fetch(store: Option<&StoreClient>, a: &mut Admission, block_bytes: 
 #[derive(Debug, Default)]
 pub struct EngineStats {
     pub batch_size: AtomicU64,
+    /// Tokens in the KV of the running batch (summed over its sequences),
+    /// as the next step starts.
+    pub context_tokens: AtomicU64,
     pub waiting: AtomicU64,
     pub free_pages: AtomicU64,
     /// Exponentially weighted mean step time (ns).
@@ -207,7 +210,9 @@ impl DecodeEngine {
     }
 
     fn publish(&self, waiting: &VecDeque<Admission>, running: &[Running]) {
+        let context: usize = running.iter().map(|r| r.seq.len()).sum();
         self.stats.batch_size.store(running.len() as u64, Ordering::Relaxed);
+        self.stats.context_tokens.store(context as u64, Ordering::Relaxed);
         self.stats.waiting.store(waiting.len() as u64, Ordering::Relaxed);
         self.stats.free_pages.store(self.cache.free_pages() as u64, Ordering::Relaxed);
     }

@@ -11,8 +11,12 @@
 //! admitted sequence is preempted: its full blocks are in the store, its
 //! partial block is kept, and it re-joins after a fresh fetch (anything
 //! the store lost is recomputed).
+//!
+//! Before serving, the node times a few decode steps on its own model and
+//! KV layout ([`profile`]) for the conductor's cost model.
 
 pub mod engine;
+pub mod profile;
 pub mod service;
 pub mod wire;
 
@@ -47,6 +51,9 @@ pub struct DecodeConfig {
     /// compete with the forward pass for cores; pacing keeps the running
     /// batch's token rate steady at the cost of slower fetches.
     pub prefetch_duty: f64,
+    /// Time decode steps at start so the conductor can predict this node
+    /// (off: `Profile` answers empty and the conductor uses its priors).
+    pub profile: bool,
 }
 
 impl Default for DecodeConfig {
@@ -61,6 +68,7 @@ impl Default for DecodeConfig {
             threads: 0,
             write_back: true,
             prefetch_duty: 0.2,
+            profile: true,
         }
     }
 }

@@ -34,6 +34,8 @@ struct Inner {
     store: Option<Arc<StoreClient>>,
     pacer: Arc<Pacer>,
     stats: Arc<EngineStats>,
+    /// Measured once before serving.
+    profile: pb::ProfileReply,
 }
 
 /// A running decode node.
@@ -89,7 +91,7 @@ pub async fn serve(
     let draining = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
     let pacer = Arc::new(Pacer::new(cfg.prefetch_duty, stats.clone()));
-    let engine = DecodeEngine {
+    let mut engine = DecodeEngine {
         name: cfg.name.clone(),
         model,
         cache,
@@ -105,10 +107,25 @@ pub async fn serve(
         draining: draining.clone(),
         pacer: pacer.clone(),
     };
+    // The engine thread profiles the node before it takes handoffs;
+    // serving starts once the profile is in.
+    let (profiled_tx, profiled) = oneshot::channel();
+    let profile = cfg.profile;
     let engine = std::thread::Builder::new()
         .name(format!("decode-{}", cfg.name))
-        .spawn(move || engine.run())
+        .spawn(move || {
+            let points = if profile {
+                crate::profile::timed(&engine.name, || {
+                    crate::profile::decode(&engine.model, &mut engine.cache, engine.max_batch)
+                })
+            } else {
+                Vec::new()
+            };
+            let _ = profiled_tx.send(points);
+            engine.run()
+        })
         .map_err(|e| format!("starting the engine thread: {e}"))?;
+    let decode_points = profiled.await.map_err(|_| format!("decode {}: the engine thread died profiling", cfg.name))?;
     let inner = Arc::new(Inner {
         name: cfg.name.clone(),
         layout,
@@ -118,6 +135,7 @@ pub async fn serve(
         store,
         pacer,
         stats: stats.clone(),
+        profile: pb::ProfileReply { node: cfg.name.clone(), prefill: Vec::new(), decode: decode_points },
     });
     let svc = DecodeServer::new(DecodeService { inner })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -263,6 +281,11 @@ impl Decode for DecodeService {
             preemptions: get(&s.preemptions),
             model_fingerprint: i.layout.fingerprint.clone(),
             block_tokens: i.layout.block_tokens as u32,
+            context_tokens: get(&s.context_tokens),
         }))
+    }
+
+    async fn profile(&self, _req: Request<pb::ProfileRequest>) -> Result<Response<pb::ProfileReply>, Status> {
+        Ok(Response::new(self.inner.profile.clone()))
     }
 }

@@ -61,6 +61,21 @@ pub fn load(path: &Path, precision: Precision) -> Result<LoadedModel> {
     Ok(LoadedModel { model: Model::new(config, weights, precision), tokenizer, path: path.to_path_buf() })
 }
 
+/// The tokenizer and configuration of a model without its weights (what a
+/// conductor needs to tokenize and bound requests).
+pub fn load_tokenizer(path: &Path) -> Result<(Tokenizer, ModelConfig)> {
+    if path.is_dir() {
+        Ok((Tokenizer::from_hf_dir(path)?, ModelConfig::from_hf_file(&path.join("config.json"))?))
+    } else if is_gguf(path) {
+        let file = GgufFile::open(path)?;
+        Ok((Tokenizer::from_gguf(&file)?, file.config()?))
+    } else if path.is_file() {
+        Err(ModelError::format(path, "not a GGUF file (expected a .gguf file or a model directory)"))
+    } else {
+        Err(ModelError::io(path, std::io::Error::from(std::io::ErrorKind::NotFound)))
+    }
+}
+
 /// Knobs of the engine.
 #[derive(Debug, Clone)]
 pub struct EngineOptions {

@@ -30,6 +30,9 @@ pub struct Job {
     pub id: String,
     pub prompt: Vec<u32>,
     pub sampling: SamplingParams,
+    /// Tokens already sampled (a resumed request's prompt ends with them):
+    /// the first token is drawn at this step.
+    pub sampler_step: u64,
     /// Keys of the prompt's full blocks.
     pub keys: Vec<BlockKey>,
     /// The prompt's leading blocks as read from the store.
@@ -334,7 +337,8 @@ impl PrefillEngine {
 
     fn finish(&mut self, mut a: Active, logits: &[f32]) {
         let bt = self.block_tokens();
-        let sampled = Sampler::new(a.job.sampling.clone()).and_then(|mut s| Ok((s.sample(logits)?, s.step())));
+        let sampled = Sampler::resume(a.job.sampling.clone(), a.job.sampler_step)
+            .and_then(|mut s| Ok((s.sample(logits)?, s.step())));
         let (first, sampler_step) = match sampled {
             Ok(x) => x,
             Err(e) => {

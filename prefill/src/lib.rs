@@ -9,8 +9,12 @@
 //! computes** (a staged two-phase put). It samples the first token and
 //! hands the request to a decode node: block keys, the last partial block,
 //! the first token and the sampler's state.
+//!
+//! Before serving, the node times a few prefill passes on its own model
+//! and KV layout ([`profile`]) for the conductor's cost model.
 
 pub mod engine;
+pub mod profile;
 pub mod service;
 
 use bytesize::ByteSize;
@@ -39,6 +43,9 @@ pub struct PrefillConfig {
     /// Write new blocks to the store (off: compute only, the benchmark's
     /// baseline).
     pub store_writes: bool,
+    /// Time prefill passes at start so the conductor can predict this node
+    /// (off: `Profile` answers empty and the conductor uses its priors).
+    pub profile: bool,
 }
 
 impl Default for PrefillConfig {
@@ -51,6 +58,7 @@ impl Default for PrefillConfig {
             max_queue: 256,
             threads: 0,
             store_writes: true,
+            profile: true,
         }
     }
 }

@@ -46,6 +46,8 @@ struct Inner {
     store: Option<Arc<StoreClient>>,
     stats: Arc<EngineStats>,
     decoders: Mutex<HashMap<String, DecodeClient<Channel>>>,
+    /// Measured once before serving.
+    profile: pb::ProfileReply,
 }
 
 /// A running prefill node.
@@ -97,7 +99,7 @@ pub async fn serve(
     let stats = Arc::new(EngineStats::default());
     stats.free_pages.store(num_pages as u64, Ordering::Relaxed);
     let (jobs_tx, jobs_rx) = crossbeam_channel::unbounded();
-    let engine = PrefillEngine {
+    let mut engine = PrefillEngine {
         model: wm.model,
         cache,
         chunk_tokens: cfg.chunk_tokens,
@@ -106,10 +108,25 @@ pub async fn serve(
         stats: stats.clone(),
         jobs: jobs_rx,
     };
+    // The engine thread profiles the node before it takes jobs; serving
+    // starts once the profile is in.
+    let (profiled_tx, profiled) = oneshot::channel();
+    let (name, profile) = (cfg.name.clone(), cfg.profile);
     let engine = std::thread::Builder::new()
         .name(format!("prefill-{}", cfg.name))
-        .spawn(move || engine.run())
+        .spawn(move || {
+            let points = if profile {
+                tandem_decode::profile::timed(&name, || {
+                    crate::profile::prefill(&engine.model, &mut engine.cache, engine.chunk_tokens)
+                })
+            } else {
+                Vec::new()
+            };
+            let _ = profiled_tx.send(points);
+            engine.run()
+        })
         .map_err(|e| format!("starting the engine thread: {e}"))?;
+    let prefill_points = profiled.await.map_err(|_| format!("prefill {}: the engine thread died profiling", cfg.name))?;
 
     let inner = Arc::new(Inner {
         name: cfg.name.clone(),
@@ -120,6 +137,7 @@ pub async fn serve(
         store,
         stats: stats.clone(),
         decoders: Mutex::new(HashMap::new()),
+        profile: pb::ProfileReply { node: cfg.name.clone(), prefill: prefill_points, decode: Vec::new() },
     });
     let svc = PrefillServer::new(PrefillService { inner })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -201,6 +219,10 @@ impl Prefill for PrefillService {
             kv_pages_free: s.free_pages.load(Ordering::Relaxed) as u32,
         }))
     }
+
+    async fn profile(&self, _req: Request<pb::ProfileRequest>) -> Result<Response<pb::ProfileReply>, Status> {
+        Ok(Response::new(self.inner.profile.clone()))
+    }
 }
 
 impl Inner {
@@ -227,6 +249,7 @@ impl Inner {
             id: r.request_id.clone(),
             prompt: r.prompt.clone(),
             sampling,
+            sampler_step: r.sampler_step,
             keys: keys.clone(),
             cached,
             enqueued,

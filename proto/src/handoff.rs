@@ -31,6 +31,15 @@ pub fn validate_request(r: &pb::GenerateRequest) -> Result<(), String> {
     if r.stop_ids.len() > MAX_STOP_IDS {
         return Err(format!("{} stop ids; the limit is {MAX_STOP_IDS}", r.stop_ids.len()));
     }
+    // The sampled tokens a resumed request carries are the prompt's tail,
+    // after at least one token of the original prompt.
+    if r.sampler_step >= r.prompt.len() as u64 {
+        return Err(format!(
+            "sampler_step is {} but the prompt has {} tokens: it counts sampled tokens the prompt ends with",
+            r.sampler_step,
+            r.prompt.len()
+        ));
+    }
     let s = r.sampling.as_ref().ok_or("sampling parameters are missing")?;
     if !(s.temperature.is_finite() && s.temperature >= 0.0) {
         return Err(format!("temperature must be a finite number ≥ 0, got {}", s.temperature));
@@ -72,8 +81,12 @@ pub fn validate_handoff(h: &pb::Handoff) -> Result<(), String> {
     if h.first_token.is_none() {
         return Err("the handoff has no first token".into());
     }
-    if h.sampler_step == 0 {
-        return Err("sampler_step must count the first token".into());
+    // The prefill node drew the first token at the request's step.
+    if h.sampler_step != r.sampler_step + 1 {
+        return Err(format!(
+            "the handoff's sampler_step is {} but the request resumes at step {}: it must count the first token",
+            h.sampler_step, r.sampler_step
+        ));
     }
     Ok(())
 }
@@ -89,6 +102,7 @@ mod tests {
             max_tokens: 4,
             sampling: Some(pb::SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: None }),
             stop_ids: vec![],
+            sampler_step: 0,
         }
     }
 
@@ -135,6 +149,11 @@ mod tests {
         r = request(vec![1]);
         r.stop_ids = vec![0; 65];
         assert!(validate_request(&r).is_err());
+        r = request(vec![1, 2, 3]);
+        r.sampler_step = 2;
+        validate_request(&r).unwrap();
+        r.sampler_step = 3;
+        assert!(validate_request(&r).unwrap_err().contains("sampler_step"));
     }
 
     #[test]
@@ -159,7 +178,12 @@ mod tests {
         assert!(validate_handoff(&h).is_err());
         let mut h = handoff(37, 16);
         h.sampler_step = 0;
-        assert!(validate_handoff(&h).is_err());
+        assert!(validate_handoff(&h).unwrap_err().contains("sampler_step"));
+        let mut h = handoff(37, 16);
+        h.request.as_mut().unwrap().sampler_step = 5;
+        assert!(validate_handoff(&h).unwrap_err().contains("sampler_step"), "the first token is one step on");
+        h.sampler_step = 6;
+        validate_handoff(&h).unwrap();
         let mut h = handoff(37, 16);
         h.request = None;
         assert!(validate_handoff(&h).is_err());

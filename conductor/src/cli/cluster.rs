@@ -2,6 +2,8 @@
 //! process reads the whole file, validates all of it and runs the part its
 //! `--node` names.
 
+use crate::config::ConductorConfig;
+use crate::discovery::DiscoveryConfig;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 use std::collections::HashSet;
@@ -22,6 +24,8 @@ pub struct ClusterConfig {
     pub kvstore: KvstoreConfig,
     pub prefill: Vec<PrefillConfig>,
     pub decode: Vec<DecodeConfig>,
+    pub conductor: ConductorConfig,
+    pub discovery: DiscoveryConfig,
 }
 
 impl ClusterConfig {
@@ -51,6 +55,14 @@ impl ClusterConfig {
             names.insert(&s.name);
             addrs.extend([s.listen, s.data_listen]);
         }
+        self.conductor.validate()?;
+        self.discovery.validate()?;
+        names.insert(&self.conductor.name);
+        for a in [self.conductor.listen, self.conductor.admin_listen] {
+            if a.port() != 0 && !addrs.insert(a) {
+                return Err(format!("address {a} is used twice (conductor)"));
+            }
+        }
         let workers = self.prefill.iter().map(|p| (p.name.as_str(), p.listen, p.validate()));
         let workers = workers.chain(self.decode.iter().map(|d| (d.name.as_str(), d.listen, d.validate())));
         for (name, listen, valid) in workers {
@@ -70,6 +82,23 @@ impl ClusterConfig {
         self.prefill.iter().find(|p| p.name == name).with_context(|| {
             format!("no prefill node {name:?} in the cluster file (prefill nodes: {})", known.join(", "))
         })
+    }
+
+    /// The conductor's section, checked against `--node`.
+    pub fn conductor_node(&self, name: &str) -> anyhow::Result<&ConductorConfig> {
+        if self.conductor.name != name {
+            bail!("the cluster file's conductor is named {:?}, not {name:?}", self.conductor.name);
+        }
+        Ok(&self.conductor)
+    }
+
+    /// The workers the conductor starts with (more may join through
+    /// discovery).
+    pub fn workers(&self) -> crate::service::Workers {
+        crate::service::Workers {
+            prefill: self.prefill.iter().map(|p| (p.name.clone(), p.listen)).collect(),
+            decode: self.decode.iter().map(|d| (d.name.clone(), d.listen, d.max_batch as u32)).collect(),
+        }
     }
 
     pub fn decode_node(&self, name: &str) -> anyhow::Result<&DecodeConfig> {

@@ -1,5 +1,6 @@
 //! `tandem generate`: run a model in this process and stream its output.
 
+use crate::text::{chat_prompt, find_stop, held_back};
 use anyhow::{bail, Context};
 use clap::Args;
 use serde_json::json;
@@ -7,11 +8,9 @@ use std::io::Write;
 use std::path::PathBuf;
 use tandem_kernels::device::{ensure_available, Device};
 use tandem_kernels::Precision;
-use tandem_model::chat::{ChatMessage, ChatTemplate};
 use tandem_model::engine::{self, Engine, EngineOptions, Flow, Request};
 use tandem_model::kv_cache::KvDType;
 use tandem_model::sampling::SamplingParams;
-use tandem_model::tokenizer::Tokenizer;
 
 /// Generate text with a model in this process.
 ///
@@ -291,57 +290,4 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn chat_prompt(tokenizer: &Tokenizer, text: &str, system: Option<&str>) -> anyhow::Result<Vec<u32>> {
-    let template = match tokenizer.chat_template() {
-        Some(src) => ChatTemplate::new(src)?,
-        None => ChatTemplate::chatml(),
-    };
-    let mut messages = Vec::new();
-    if let Some(s) = system {
-        messages.push(ChatMessage::system(s));
-    }
-    messages.push(ChatMessage::user(text));
-    let rendered = template.render(
-        &messages,
-        true,
-        tokenizer.bos_token().unwrap_or_default(),
-        tokenizer.eos_token().unwrap_or_default(),
-    )?;
-    Ok(tokenizer.encode(&rendered, false)?)
-}
-
-/// Byte offset of the first stop string in `text`.
-fn find_stop(text: &str, stops: &[String]) -> Option<usize> {
-    stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text.find(s.as_str())).min()
-}
-
-/// How much of `text` can be printed: all but a suffix that could still
-/// grow into a stop string.
-fn held_back(text: &str, stops: &[String]) -> usize {
-    let mut safe = text.len();
-    for s in stops {
-        for (i, _) in text.char_indices().rev().take(s.len()) {
-            if s.starts_with(&text[i..]) {
-                safe = safe.min(i);
-            }
-        }
-    }
-    safe
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_strings_are_found_and_partial_matches_held_back() {
-        let stops = vec!["\n\n".to_string(), "END".to_string()];
-        assert_eq!(find_stop("abc\n\ndef", &stops), Some(3));
-        assert_eq!(find_stop("abcEN", &stops), None);
-        assert_eq!(held_back("abcEN", &stops), 3);
-        assert_eq!(held_back("abc\n", &stops), 3);
-        assert_eq!(held_back("abcx", &stops), 4);
-    }
 }

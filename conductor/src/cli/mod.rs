@@ -4,10 +4,12 @@
 mod bench;
 mod check;
 pub mod cluster;
+mod conductor;
 mod generate;
 pub mod kvstore;
 mod model;
 mod remote;
+mod up;
 mod worker;
 
 use clap::{Parser, Subcommand};
@@ -15,6 +17,7 @@ use clap::{Parser, Subcommand};
 /// Tandem serves large language models with prefill and decode
 /// disaggregated over a shared KV-cache store.
 ///
+/// Start a local cluster:  tandem up   (then use http://127.0.0.1:8000/v1)
 /// Run a model locally:   tandem generate --model smollm2 --chat --prompt "Hi!"
 /// Fetch a known model:   tandem model fetch smollm2
 /// Run a KV store:        tandem kvstore master --config etc/cluster.toml
@@ -52,6 +55,19 @@ pub enum Command {
     ///
     /// Example: tandem decode --config etc/cluster.toml --node decode-0
     Decode(worker::WorkerArgs),
+    /// Start a whole cluster on this machine (store master, storage node,
+    /// prefill and decode workers, conductor; each a child process) and
+    /// serve the OpenAI API until Ctrl-C.
+    ///
+    /// Example: tandem up --http-port 8000 --model smollm2
+    Up(up::UpArgs),
+    /// Run the conductor of a cluster file: the OpenAI-compatible HTTP API
+    /// (`/v1/chat/completions`, `/v1/completions`, `/v1/models`), `/metrics`,
+    /// `/health`, `/ready`, and the scheduler that places each request on a
+    /// prefill and a decode node (or refuses it early with 429).
+    ///
+    /// Example: tandem conductor --config etc/cluster.toml
+    Conductor(conductor::ConductorArgs),
     /// Validate a cluster file (every section, names, addresses, sizes)
     /// without starting anything, and list its nodes.
     ///
@@ -71,6 +87,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Kvstore(cmd) => kvstore::run(cmd),
         Command::Prefill(args) => worker::run_prefill(args),
         Command::Decode(args) => worker::run_decode(args),
+        Command::Up(args) => up::run(args),
+        Command::Conductor(args) => conductor::run(args),
         Command::CheckConfig(args) => check::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

@@ -54,6 +54,7 @@ pub fn run(
         max_tokens: max_tokens.min(u32::MAX as usize) as u32,
         sampling: Some(wire::sampling_to_pb(sampling)),
         stop_ids,
+        sampler_step: 0,
     };
     let req = pb::PrefillRequest { request: Some(request), decode_addr: decode.listen.to_string(), cached_blocks: 0 };
     let addr = prefill.listen;

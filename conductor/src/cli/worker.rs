@@ -27,7 +27,7 @@ pub struct WorkerArgs {
 /// The store client of a worker, checked against the master once: a master
 /// that is down is a warning, not a failure (requests are computed without
 /// the cache until it is back).
-async fn store_client(cfg: &ClusterConfig, off: bool) -> anyhow::Result<Option<Arc<StoreClient>>> {
+pub(crate) async fn store_client(cfg: &ClusterConfig, off: bool) -> anyhow::Result<Option<Arc<StoreClient>>> {
     if off {
         return Ok(None);
     }

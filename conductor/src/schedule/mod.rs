@@ -127,6 +127,24 @@ impl Scheduler {
         prefill: &[PrefillView],
         decode: &[DecodeView],
     ) -> Verdict {
+        self.decide(now_ms, req, prefill, decode, true)
+    }
+
+    /// Places a request already accepted (again, after its node failed):
+    /// the policy's choice without the SLO checks; refused only when no
+    /// node can take it.
+    pub fn place(&mut self, now_ms: u64, req: &RequestInfo, prefill: &[PrefillView], decode: &[DecodeView]) -> Verdict {
+        self.decide(now_ms, req, prefill, decode, false)
+    }
+
+    fn decide(
+        &mut self,
+        now_ms: u64,
+        req: &RequestInfo,
+        prefill: &[PrefillView],
+        decode: &[DecodeView],
+        enforce_slo: bool,
+    ) -> Verdict {
         let ttfts: Vec<f64> = prefill.iter().enumerate().map(|(i, p)| predicted_ttft(p, req, i)).collect();
         let live: Vec<usize> = (0..prefill.len()).filter(|&i| prefill[i].accepting).collect();
         if live.is_empty() {
@@ -152,7 +170,7 @@ impl Scheduler {
                 .expect("non-empty"),
         };
         let ttft = ttfts[p];
-        if self.policy == PolicyKind::KvCentric && ttft > self.slo.ttft_ms {
+        if enforce_slo && self.policy == PolicyKind::KvCentric && ttft > self.slo.ttft_ms {
             return reject(
                 &format!("predicted TTFT {ttft:.0} ms exceeds the SLO of {:.0} ms", self.slo.ttft_ms),
                 (ttft - self.slo.ttft_ms).ceil() as u64,
@@ -187,7 +205,7 @@ impl Scheduler {
             }
         };
         let step = tbt(d);
-        if self.policy == PolicyKind::KvCentric && step > self.slo.tbt_ms {
+        if enforce_slo && self.policy == PolicyKind::KvCentric && step > self.slo.tbt_ms {
             return reject(&format!("predicted TBT {step:.1} ms exceeds the SLO of {:.1} ms", self.slo.tbt_ms), 1000);
         }
         Verdict::Accept(Placement { prefill: p, decode: d, predicted_ttft_ms: ttft, predicted_tbt_ms: step })

@@ -1,0 +1,86 @@
+//! `tandem conductor`: run the conductor of a cluster file — the
+//! OpenAI-compatible HTTP API, the scheduler over the file's workers (and
+//! any that join through etcd), and the admin API `tandem ctl` talks to.
+
+use super::cluster::ClusterConfig;
+use anyhow::Context;
+use clap::Args;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Debug, Args)]
+pub struct ConductorArgs {
+    /// Cluster file (TOML): its `[conductor]`, `[model]`, `[kvstore]`,
+    /// `[[prefill]]`, `[[decode]]` and `[discovery]` sections are used.
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The conductor's name in the file (`[conductor] name`).
+    #[arg(long, default_value = "conductor")]
+    node: String,
+    /// Do not ask the KV store for cached prefixes (placement then ignores
+    /// the cache).
+    #[arg(long)]
+    no_store: bool,
+}
+
+pub fn run(args: ConductorArgs) -> anyhow::Result<()> {
+    let cfg = ClusterConfig::load(&args.config)?;
+    cfg.conductor_node(&args.node)?;
+    let rt = super::kvstore::runtime()?;
+    rt.block_on(async {
+        let conductor = start(&cfg, args.no_store).await?;
+        let http = tokio::net::TcpListener::bind(cfg.conductor.listen)
+            .await
+            .with_context(|| format!("binding the HTTP API to {}", cfg.conductor.listen))?;
+        eprintln!(
+            "conductor {}: OpenAI API on http://{} (model {})",
+            args.node,
+            http.local_addr()?,
+            conductor.model.name,
+        );
+        axum::serve(http, crate::api::router(conductor))
+            .with_graceful_shutdown(super::kvstore::shutdown_signal())
+            .await
+            .context("serving HTTP")?;
+        Ok(())
+    })
+}
+
+/// Builds the conductor of a cluster file and starts polling its workers
+/// (and, with `[discovery]`, watching etcd for more).
+pub async fn start(cfg: &ClusterConfig, no_store: bool) -> anyhow::Result<Arc<crate::service::Conductor>> {
+    let path = tandem_model::fetch::resolve(&cfg.model.path, true)?;
+    let (tokenizer, model_cfg) = tandem_model::engine::load_tokenizer(&path).context("loading the tokenizer")?;
+    let info = crate::service::ModelInfo::new(
+        cfg.conductor.model_name(&cfg.model.path),
+        tokenizer,
+        &model_cfg,
+        cfg.model.kv_dtype()?,
+        cfg.model.block_tokens as u32,
+    )?;
+    let store = super::worker::store_client(cfg, no_store).await?;
+    let conductor = crate::service::Conductor::new(cfg.conductor.clone(), info, &cfg.workers(), store)?;
+    conductor.spawn_pollers();
+    if cfg.discovery.enabled() {
+        let (members, mut events) = crate::discovery::watch(&cfg.discovery).await.context("watching etcd")?;
+        for m in members {
+            conductor.add_worker(&m.name, &m.role, m.addr)?;
+        }
+        let c = conductor.clone();
+        tokio::spawn(async move {
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    crate::discovery::MembershipEvent::Joined(m) => {
+                        tracing::info!(node = %m.name, role = %m.role, addr = %m.addr, "member joined");
+                        if let Err(e) = c.add_worker(&m.name, &m.role, m.addr) {
+                            tracing::warn!("member {}: {e:#}", m.name);
+                        }
+                    }
+                    // Its poller marks it down when it stops answering.
+                    crate::discovery::MembershipEvent::Left { name } => tracing::info!(node = %name, "member left"),
+                }
+            }
+        });
+    }
+    Ok(conductor)
+}

@@ -1,0 +1,146 @@
+//! The conductor's Prometheus metrics (`GET /metrics`, text format): the
+//! latencies users graph (TTFT, TBT, end-to-end) per node, request and
+//! token counters, rejections, and each node's load as last polled.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabel {
+    pub node: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeRoleLabel {
+    pub node: String,
+    pub role: Role,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Role {
+    Prefill,
+    Decode,
+}
+
+/// How a request ended.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: Outcome,
+}
+
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Outcome {
+    /// Finished (stop, length or context).
+    Completed,
+    /// Refused at arrival (429).
+    Rejected,
+    /// Ended with an error after it was accepted.
+    Failed,
+    /// The client went away.
+    Cancelled,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 5 ms .. ~80 s.
+    Histogram::new(exponential_buckets(0.005, 2.0, 15))
+}
+
+fn step_histogram() -> Histogram {
+    // 1 ms .. ~16 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 15))
+}
+
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub ttft: HistogramFamily<NodeLabel>,
+    pub tbt: HistogramFamily<NodeLabel>,
+    pub e2e: HistogramFamily<NodeLabel>,
+    pub requests: Family<OutcomeLabel, Counter>,
+    pub retries: Counter,
+    pub prompt_tokens: Counter,
+    pub cached_prompt_tokens: Counter,
+    pub generated_tokens: Family<NodeLabel, Counter>,
+    pub in_flight: Gauge,
+    pub cache_hit_ratio: Gauge<f64, AtomicU64>,
+    pub tokens_per_second: Gauge<f64, AtomicU64>,
+    pub node_up: Family<NodeRoleLabel, Gauge>,
+    pub node_draining: Family<NodeRoleLabel, Gauge>,
+    pub prefill_queue: Family<NodeLabel, Gauge>,
+    pub decode_batch: Family<NodeLabel, Gauge>,
+    pub decode_waiting: Family<NodeLabel, Gauge>,
+    pub kv_usage: Family<NodeRoleLabel, Gauge<f64, AtomicU64>>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("tandem");
+        let m = Metrics {
+            ttft: Family::new_with_constructor(latency_histogram),
+            tbt: Family::new_with_constructor(step_histogram),
+            e2e: Family::new_with_constructor(latency_histogram),
+            requests: Family::default(),
+            retries: Counter::default(),
+            prompt_tokens: Counter::default(),
+            cached_prompt_tokens: Counter::default(),
+            generated_tokens: Family::default(),
+            in_flight: Gauge::default(),
+            cache_hit_ratio: Gauge::default(),
+            tokens_per_second: Gauge::default(),
+            node_up: Family::default(),
+            node_draining: Family::default(),
+            prefill_queue: Family::default(),
+            decode_batch: Family::default(),
+            decode_waiting: Family::default(),
+            kv_usage: Family::default(),
+            registry: Registry::default(),
+        };
+        r.register("ttft_seconds", "Time to first token, by prefill node", m.ttft.clone());
+        r.register("tbt_seconds", "Time between tokens, by decode node", m.tbt.clone());
+        r.register("e2e_seconds", "Request latency from arrival to the last token, by decode node", m.e2e.clone());
+        r.register("requests", "Requests by outcome", m.requests.clone());
+        r.register("retries", "Requests placed again after their node failed", m.retries.clone());
+        r.register("prompt_tokens", "Prompt tokens of accepted requests", m.prompt_tokens.clone());
+        r.register("cached_prompt_tokens", "Prompt tokens read from the KV store", m.cached_prompt_tokens.clone());
+        r.register("generated_tokens", "Tokens generated, by decode node", m.generated_tokens.clone());
+        r.register("in_flight_requests", "Requests accepted and not finished", m.in_flight.clone());
+        r.register("cache_hit_ratio", "Cached share of prompt tokens so far", m.cache_hit_ratio.clone());
+        r.register("tokens_per_second", "Generated tokens per second (last 10 s)", m.tokens_per_second.clone());
+        r.register("node_up", "1 when the node answers its status", m.node_up.clone());
+        r.register("node_draining", "1 when the node takes no new work", m.node_draining.clone());
+        r.register("prefill_queue_requests", "Requests queued or running on a prefill node", m.prefill_queue.clone());
+        r.register("decode_batch_size", "Sequences decoding on a decode node", m.decode_batch.clone());
+        r.register("decode_waiting_requests", "Handoffs waiting on a decode node", m.decode_waiting.clone());
+        r.register("kv_usage_ratio", "Share of a node's KV pages in use", m.kv_usage.clone());
+        Metrics { registry: r, ..m }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    pub fn node(name: &str) -> NodeLabel {
+        NodeLabel { node: name.to_string() }
+    }
+
+    pub fn outcome(&self, outcome: Outcome) {
+        self.requests.get_or_create(&OutcomeLabel { outcome }).inc();
+    }
+}

@@ -1,0 +1,53 @@
+//! The prefill node's start-up profile (the `Profile` RPC; the shared
+//! method is described in `tandem_decode::profile`): the time of one
+//! forward pass computing `uncached` prompt tokens after `cached` tokens
+//! already in the KV cache.
+
+use std::time::Instant;
+use tandem_decode::profile::{fill_zeros, synthetic_tokens, time_ms};
+use tandem_model::forward::{Logits, Model, Step};
+use tandem_model::kv_cache::{KvCache, SeqKv};
+use tandem_model::ModelError;
+use tandem_proto::worker as pb;
+
+/// Prompt tokens computed by a timed pass (capped at the node's chunk
+/// budget: no pass computes more).
+const UNCACHED: [usize; 4] = [16, 64, 256, 512];
+/// Prompt tokens already in the KV cache before it.
+const CACHED: [usize; 2] = [0, 256];
+
+/// Times one prefill pass for each shape that fits: `uncached` ∈ {16, 64,
+/// 256, 512} (capped at `chunk_tokens`) × `cached` ∈ {0, 256}, timed with
+/// [`time_ms`]. Shapes the pool or the context length cannot hold are
+/// skipped.
+pub fn prefill(model: &Model, cache: &mut KvCache, chunk_tokens: usize) -> Result<Vec<pb::PrefillPoint>, ModelError> {
+    let mut uncached: Vec<usize> = UNCACHED.iter().map(|&u| u.min(chunk_tokens.max(1))).collect();
+    uncached.dedup();
+    let limit = model.config().max_position_embeddings;
+    let shapes: Vec<(usize, usize)> = uncached
+        .iter()
+        .flat_map(|&u| CACHED.iter().map(move |&c| (u, c)))
+        .filter(|&(u, c)| u + c < limit && cache.pages_for(u + c) <= cache.free_pages())
+        .collect();
+    let tokens = synthetic_tokens(uncached.iter().copied().max().unwrap_or(0), model.config().vocab_size);
+    let mut points = Vec::with_capacity(shapes.len());
+    for (i, &(u, c)) in shapes.iter().enumerate() {
+        let mut pass = || {
+            let mut seq = SeqKv::default();
+            let result = fill_zeros(cache, &mut seq, c).and_then(|()| {
+                let step = Step { tokens: &tokens[..u], seq: &mut seq, logits: Logits::Last };
+                let started = Instant::now();
+                model.forward(cache, &mut [step])?;
+                Ok(started.elapsed())
+            });
+            cache.release(seq);
+            result
+        };
+        if i == 0 {
+            // Warm-up: the first pass faults in weights and scratch.
+            pass()?;
+        }
+        points.push(pb::PrefillPoint { uncached: u as u32, cached: c as u32, ms: time_ms(pass)? });
+    }
+    Ok(points)
+}
