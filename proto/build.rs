@@ -2,7 +2,7 @@
 //! `protoc` on the machine.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/kvstore.proto", "proto/worker.proto"];
+    let files = ["proto/admin.proto", "proto/kvstore.proto", "proto/worker.proto"];
     for f in files {
         println!("cargo:rerun-if-changed={f}");
     }

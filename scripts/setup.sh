@@ -99,3 +99,24 @@ if ((${#components_missing[@]} > 0)); then
     say "adding rust components ${components_missing[*]}"
     rustup component add "${components_missing[@]}" >/dev/null
 fi
+
+# --- Python test clients -----------------------------------------------------
+# conductor/tests/openai_client.rs runs tests/python/openai_client.py with the
+# official `openai` client from this virtualenv (under target/, which git
+# ignores). Bump the pin here; the next run installs it.
+OPENAI_VERSION=3.54.0
+openai_venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target/pyenv/openai"
+if ! "$openai_venv/bin/python" -c \
+    'import importlib.metadata as m, sys; sys.exit(m.version("openai") != sys.argv[1])' \
+    "$OPENAI_VERSION" >/dev/null 2>&1; then
+    say "installing the openai $OPENAI_VERSION Python client into $openai_venv"
+    log=$(mktemp)
+    if ! { python3 -m venv "$openai_venv" &&
+        "$openai_venv/bin/pip" install --quiet --disable-pip-version-check "openai==$OPENAI_VERSION"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        say "could not install the openai Python client into $openai_venv"
+        exit 1
+    fi
+    rm -f "$log"
+fi

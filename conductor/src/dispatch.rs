@@ -301,7 +301,7 @@ impl Conductor {
             request_id: sub.request_id.clone(),
             prompt,
             max_tokens: sub.max_tokens - generated.len() as u32,
-            sampling: Some(sub.sampling.clone()),
+            sampling: Some(sub.sampling),
             stop_ids: sub.stop_ids.clone(),
             sampler_step: generated.len() as u64,
         };

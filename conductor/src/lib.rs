@@ -6,12 +6,15 @@
 //!   rejection), prefill → decode, token relay, retries on dead nodes.
 //! - [`api`] — the OpenAI-compatible HTTP API, `/metrics`, `/health`,
 //!   `/ready`.
+//! - [`admin`] — the admin gRPC API `tandem ctl` talks to: nodes, drain,
+//!   requests in flight, the KV cache, policy and SLOs changed live.
 //! - [`schedule`] — the scheduling policies (Mooncake's Algorithm 1 and
 //!   the baselines), pure and synchronous with the clock passed in.
 //! - [`discovery`] — optional etcd membership.
 //! - [`cli`] — the `tandem` command: argument parsing and one module per
 //!   subcommand, each a thin call into the crate that does the work.
 
+pub mod admin;
 pub mod api;
 pub mod cli;
 pub mod config;

@@ -177,11 +177,14 @@ fn write_config(path: &Path, s: &Spec, master: &str) {
         );
     }
     for i in 0..s.prefill {
-        t += &format!("\n[[prefill]]\nname = \"prefill-{i}\"\nlisten = \"127.0.0.1:0\"\nkv_memory = \"256MiB\"\n");
+        // No conductor here: the profile would only slow the start.
+        t += &format!(
+            "\n[[prefill]]\nname = \"prefill-{i}\"\nlisten = \"127.0.0.1:0\"\nkv_memory = \"256MiB\"\nprofile = false\n"
+        );
     }
     for i in 0..s.decode {
         t += &format!(
-            "\n[[decode]]\nname = \"decode-{i}\"\nlisten = \"127.0.0.1:0\"\nkv_memory = \"{}\"\nmax_batch = {}\n",
+            "\n[[decode]]\nname = \"decode-{i}\"\nlisten = \"127.0.0.1:0\"\nkv_memory = \"{}\"\nmax_batch = {}\nprofile = false\n",
             s.decode_kv, s.max_batch
         );
     }
@@ -684,11 +687,17 @@ fn check_config_lists_the_example_cluster_and_names_mistakes() {
             .output()
             .unwrap()
     };
-    let example = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../etc/cluster.toml");
-    let out = run(&example);
+    let etc = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../etc");
+    let out = run(&etc.join("cluster.toml"));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("valid"), "{text}");
     assert!(text.contains("prefill-0") && text.contains("decode-0") && text.contains("store-b"), "{text}");
+    assert!(text.contains("conductor conductor on http://127.0.0.1:8000"), "{text}");
+    // Every example in etc/ is valid.
+    for e in std::fs::read_dir(&etc).unwrap().flatten() {
+        let out = run(&e.path());
+        assert!(out.status.success(), "{}: {}", e.path().display(), String::from_utf8_lossy(&out.stderr));
+    }
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");
     for (body, named) in [

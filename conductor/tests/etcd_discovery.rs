@@ -269,7 +269,6 @@ async fn register_without_etcd_fails_fast_and_names_the_endpoint() {
 
     let err = discovery::watch(&cfg).await.unwrap_err();
     assert!(format!("{err:#}").contains(&cfg.etcd[0]), "{err:#}");
-    eprintln!("DEBUG register: {message} in {elapsed:?}; watch: {err:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,5 +284,4 @@ async fn register_against_a_silent_endpoint_times_out() {
     let message = format!("{err:#}");
     assert!(message.contains(&cfg.etcd[0]) && message.contains("no answer"), "{message}");
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}: {message}");
-    eprintln!("DEBUG silent: {message} in {elapsed:?}");
 }

@@ -109,10 +109,8 @@ pub fn decode(model: &Model, cache: &mut KvCache, max_batch: usize) -> Result<Ve
         let mut seqs = vec![SeqKv::default(); batch];
         let result = seqs.iter_mut().try_for_each(|s| fill_zeros(cache, s, context)).and_then(|()| {
             let mut step = || {
-                let mut steps: Vec<Step<'_>> = seqs
-                    .iter_mut()
-                    .map(|seq| Step { tokens: &token, seq, logits: Logits::Last })
-                    .collect();
+                let mut steps: Vec<Step<'_>> =
+                    seqs.iter_mut().map(|seq| Step { tokens: &token, seq, logits: Logits::Last }).collect();
                 let started = Instant::now();
                 model.forward(cache, &mut steps)?;
                 Ok(started.elapsed())
@@ -126,8 +124,9 @@ pub fn decode(model: &Model, cache: &mut KvCache, max_batch: usize) -> Result<Ve
         for s in seqs {
             cache.release(s);
         }
-        // The sequences grow by one token a run (at most 0.5% of the
-        // context): the shape is reported as it started.
+        // The sequences grow by one token a step (RUNS + 1 at most, a few
+        // per cent of the smallest context): the shape is reported as it
+        // started.
         points.push(pb::DecodePoint { batch: batch as u32, context: (batch * context) as u64, ms: result? });
     }
     Ok(points)

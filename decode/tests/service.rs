@@ -63,7 +63,8 @@ async fn profile_and_status_over_grpc() {
     assert!(profile.prefill.is_empty(), "a decode node has no prefill timings");
     // batch ∈ {1, 4, 16} × per-sequence context ∈ {64, 512}, all fit the default pool.
     let shapes: Vec<(u32, u64)> = profile.decode.iter().map(|p| (p.batch, p.context)).collect();
-    let want: Vec<(u32, u64)> = [1u32, 4, 16].into_iter().flat_map(|b| [(b, 64 * b as u64), (b, 512 * b as u64)]).collect();
+    let want: Vec<(u32, u64)> =
+        [1u32, 4, 16].into_iter().flat_map(|b| [(b, 64 * b as u64), (b, 512 * b as u64)]).collect();
     assert_eq!(shapes, want);
     for p in &profile.decode {
         assert!(p.ms.is_finite() && p.ms > 0.0, "{p:?}");

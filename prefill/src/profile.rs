@@ -12,12 +12,13 @@ use tandem_proto::worker as pb;
 
 /// Prompt tokens computed by a timed pass (capped at the node's chunk
 /// budget: no pass computes more).
-const UNCACHED: [usize; 4] = [16, 64, 256, 512];
+const UNCACHED: [usize; 3] = [16, 64, 256];
 /// Prompt tokens already in the KV cache before it.
 const CACHED: [usize; 2] = [0, 256];
 
 /// Times one prefill pass for each shape that fits: `uncached` ∈ {16, 64,
-/// 256, 512} (capped at `chunk_tokens`) × `cached` ∈ {0, 256}, timed with
+/// 256} (capped at `chunk_tokens`; longer prompts are extrapolated by the
+/// fit's quadratic term) × `cached` ∈ {0, 256}, timed with
 /// [`time_ms`]. Shapes the pool or the context length cannot hold are
 /// skipped.
 pub fn prefill(model: &Model, cache: &mut KvCache, chunk_tokens: usize) -> Result<Vec<pb::PrefillPoint>, ModelError> {

@@ -126,7 +126,8 @@ pub async fn serve(
             engine.run()
         })
         .map_err(|e| format!("starting the engine thread: {e}"))?;
-    let prefill_points = profiled.await.map_err(|_| format!("prefill {}: the engine thread died profiling", cfg.name))?;
+    let prefill_points =
+        profiled.await.map_err(|_| format!("prefill {}: the engine thread died profiling", cfg.name))?;
 
     let inner = Arc::new(Inner {
         name: cfg.name.clone(),

@@ -1,6 +1,8 @@
 //! Tandem's contracts between nodes and the validated domain types behind
 //! them.
 //!
+//! - [`admin`] — the conductor's admin API (`tandem.admin.v1`), which
+//!   `tandem ctl` talks to.
 //! - [`block_key`] — prefix-chained block keys (DESIGN.md §2): equal keys
 //!   mean equal token prefixes, and two models never share keys.
 //! - [`kvstore`] — the store's gRPC control plane (`tandem.kvstore.v1`):
@@ -12,6 +14,12 @@ pub mod block_key;
 pub mod handoff;
 
 pub use block_key::{block_keys, BlockKey, KeySalt};
+
+/// Generated from `proto/admin.proto` (tonic + prost).
+#[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+pub mod admin {
+    tonic::include_proto!("tandem.admin.v1");
+}
 
 /// Generated from `proto/kvstore.proto` (tonic + prost).
 #[allow(missing_debug_implementations, clippy::all, clippy::pedantic)]

@@ -192,6 +192,8 @@ impl PrefillNode {
             kv_memory: PREFILL_KV_MEMORY,
             chunk_tokens: settings.overlap.chunk_tokens,
             store_writes,
+            // No scheduler reads it here.
+            profile: false,
             ..PrefillConfig::default()
         };
         let wm = WorkerModel { model, kv_dtype: KV_DTYPE, block_tokens: settings.block_tokens };
@@ -308,6 +310,7 @@ impl DecodeNode {
             listen: ([127, 0, 0, 1], 0).into(),
             kv_memory: DECODE_KV_MEMORY,
             max_batch: settings.tbt.max_batch,
+            profile: false,
             ..DecodeConfig::default()
         };
         let block_tokens = settings.block_tokens;

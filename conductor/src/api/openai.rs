@@ -177,6 +177,9 @@ impl Common {
                 ));
             }
         }
+        if self.stream_options.is_some() && !self.stream {
+            return Err(ApiError::invalid("stream_options is only allowed when stream is true", "stream_options"));
+        }
         let max_tokens = match max_tokens {
             None => default_max.min(limit),
             Some(m) if m < 1 => return Err(ApiError::invalid("max_tokens must be at least 1", "max_tokens")),
@@ -398,6 +401,7 @@ mod tests {
         assert_eq!(param(json!({"messages": m, "stop": vec!["x"; 17]})), Some("stop"));
         assert_eq!(param(json!({"messages": m, "presence_penalty": 0.5})), Some("presence_penalty"));
         assert!(chat(json!({"messages": "hi"})).is_err());
+        assert_eq!(param(json!({"messages": m, "stream_options": {"include_usage": true}})), Some("stream_options"));
     }
 
     #[test]

@@ -20,6 +20,19 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         "model     {} ({} KV, blocks of {} tokens, {} precision)",
         m.path, m.kv_dtype, m.block_tokens, m.precision
     );
+    let c = &cfg.conductor;
+    println!(
+        "conductor {} on http://{} (admin {}), policy {}, SLO TTFT {} ms / TBT {} ms",
+        c.name,
+        c.listen,
+        c.admin_listen,
+        serde_json::to_value(c.policy).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+        c.slo.ttft_ms,
+        c.slo.tbt_ms
+    );
+    if cfg.discovery.enabled() {
+        println!("discovery etcd {} (prefix {})", cfg.discovery.etcd.join(", "), cfg.discovery.prefix);
+    }
     let master = &cfg.kvstore.master;
     println!("master    {} on {}", master.name, master.listen);
     for s in &cfg.kvstore.storage {

@@ -137,4 +137,14 @@ mod tests {
         );
         assert!(err("[[prefill]]\nkv_memory = \"lots\"\n").contains("kv_memory"));
     }
+
+    #[test]
+    fn the_example_documents_the_conductor_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../etc/cluster.toml");
+        let cfg = ClusterConfig::load(&path).unwrap();
+        assert_eq!(cfg.conductor, ConductorConfig::default(), "etc/cluster.toml's [conductor] shows the defaults");
+        assert!(!cfg.discovery.enabled(), "static membership is the default");
+        let two = ClusterConfig::load(&Path::new(env!("CARGO_MANIFEST_DIR")).join("../etc/two-hosts.toml")).unwrap();
+        assert_eq!((two.prefill.len(), two.decode.len(), two.kvstore.storage.len()), (2, 2, 2));
+    }
 }

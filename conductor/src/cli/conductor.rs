@@ -32,17 +32,21 @@ pub fn run(args: ConductorArgs) -> anyhow::Result<()> {
         let http = tokio::net::TcpListener::bind(cfg.conductor.listen)
             .await
             .with_context(|| format!("binding the HTTP API to {}", cfg.conductor.listen))?;
+        let admin = crate::admin::spawn(conductor.clone(), cfg.conductor.admin_listen).await?;
+        let admin_addr = admin.local_addr();
+        eprintln!("conductor {}: admin API on {admin_addr} (tandem ctl --admin {admin_addr} nodes)", args.node);
         eprintln!(
             "conductor {}: OpenAI API on http://{} (model {})",
             args.node,
             http.local_addr()?,
             conductor.model.name,
         );
-        axum::serve(http, crate::api::router(conductor))
+        let served = axum::serve(http, crate::api::router(conductor))
             .with_graceful_shutdown(super::kvstore::shutdown_signal())
             .await
-            .context("serving HTTP")?;
-        Ok(())
+            .context("serving HTTP");
+        admin.shutdown().await;
+        served
     })
 }
 

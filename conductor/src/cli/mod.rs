@@ -5,6 +5,7 @@ mod bench;
 mod check;
 pub mod cluster;
 mod conductor;
+mod ctl;
 mod generate;
 pub mod kvstore;
 mod model;
@@ -68,6 +69,12 @@ pub enum Command {
     ///
     /// Example: tandem conductor --config etc/cluster.toml
     Conductor(conductor::ConductorArgs),
+    /// Operate a running conductor through its admin API: nodes and their
+    /// load, drain and undrain, requests in flight, the KV cache, the
+    /// scheduling policy and SLOs.
+    ///
+    /// Example: tandem ctl --config etc/cluster.toml nodes
+    Ctl(ctl::CtlArgs),
     /// Validate a cluster file (every section, names, addresses, sizes)
     /// without starting anything, and list its nodes.
     ///
@@ -89,6 +96,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Decode(args) => worker::run_decode(args),
         Command::Up(args) => up::run(args),
         Command::Conductor(args) => conductor::run(args),
+        Command::Ctl(args) => ctl::run(args),
         Command::CheckConfig(args) => check::run(args),
         Command::Bench(cmd) => bench::run(cmd),
     }

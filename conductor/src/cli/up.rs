@@ -239,7 +239,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     rt.block_on(async {
         tokio::select! {
             () = super::kvstore::shutdown_signal() => {}
-            name = watch_children(&mut nodes) => eprintln!("{name} exited; stopping the cluster"),
+            () = watch_children(&mut nodes, &c.name) => eprintln!("the conductor exited; stopping the cluster"),
         }
     });
     eprintln!("stopping the cluster ...");
@@ -248,12 +248,24 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves with a node's name when one exits on its own.
-async fn watch_children(nodes: &mut Nodes) -> String {
+/// Reports nodes that exit on their own (the cluster goes on without them:
+/// the conductor re-schedules their requests); resolves when the conductor
+/// itself exits.
+async fn watch_children(nodes: &mut Nodes, conductor: &str) {
+    let mut reported = std::collections::HashSet::new();
     loop {
         for n in &mut nodes.0 {
-            if let Ok(Some(_)) = n.child.try_wait() {
-                return n.name.clone();
+            if let Ok(Some(status)) = n.child.try_wait() {
+                if n.name == conductor {
+                    return;
+                }
+                if reported.insert(n.name.clone()) {
+                    eprintln!(
+                        "{} exited ({status}); the cluster goes on without it (log: {})",
+                        n.name,
+                        n.log.display()
+                    );
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(500)).await;

@@ -53,7 +53,9 @@ pub fn run_prefill(args: WorkerArgs) -> anyhow::Result<()> {
         let store = store_client(&cfg, args.no_store).await?;
         let handle = tandem_prefill::serve(node, wm, store).await.map_err(anyhow::Error::msg)?;
         eprintln!("prefill node {} listening on {}", args.node, handle.local_addr());
+        let registration = register(&cfg, &args.node, "prefill", handle.local_addr()).await?;
         super::kvstore::shutdown_signal().await;
+        deregister(registration).await;
         handle.shutdown().await;
         Ok(())
     })
@@ -72,8 +74,37 @@ pub fn run_decode(args: WorkerArgs) -> anyhow::Result<()> {
             .await
             .map_err(anyhow::Error::msg)?;
         eprintln!("decode node {} listening on {}", args.node, handle.local_addr());
+        let registration = register(&cfg, &args.node, "decode", handle.local_addr()).await?;
         super::kvstore::shutdown_signal().await;
+        deregister(registration).await;
         handle.shutdown().await;
         Ok(())
     })
+}
+
+/// With `[discovery]`, registers the node in etcd under a lease (the
+/// conductor adds it); `None` with static membership.
+async fn register(
+    cfg: &ClusterConfig,
+    name: &str,
+    role: &str,
+    addr: std::net::SocketAddr,
+) -> anyhow::Result<Option<crate::discovery::Registration>> {
+    if !cfg.discovery.enabled() {
+        return Ok(None);
+    }
+    let member = crate::discovery::Member { name: name.to_string(), role: role.to_string(), addr };
+    let r = crate::discovery::register(&cfg.discovery, &member).await.context("registering in etcd")?;
+    eprintln!("registered {role} node {name} ({addr}) in etcd");
+    Ok(Some(r))
+}
+
+/// Leaves etcd at once on a clean shutdown (rather than when the lease
+/// expires).
+async fn deregister(r: Option<crate::discovery::Registration>) {
+    if let Some(r) = r {
+        if let Err(e) = r.revoke().await {
+            tracing::warn!("leaving etcd: {e:#}");
+        }
+    }
 }

@@ -17,7 +17,7 @@ pub struct Fitted {
 }
 
 /// How fast the online correction follows new observations.
-const CORRECTION_RATE: f64 = 0.2;
+const CORRECTION_RATE: f64 = 0.3;
 
 impl Fitted {
     /// Least squares over `(features, y)` samples, with a tiny ridge so

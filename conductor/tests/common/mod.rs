@@ -2,6 +2,8 @@
 //! that are SIGKILLed when dropped, started until a ready line.
 #![allow(dead_code)]
 
+pub mod http;
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
