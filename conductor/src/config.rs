@@ -18,6 +18,11 @@ pub struct ConductorConfig {
     /// The model name clients send (`model` in requests, `/v1/models`).
     /// Empty: the `[model]` path's last component.
     pub served_model_name: String,
+    /// `disaggregated`: prefill nodes hand off to decode nodes (the
+    /// default); `colocated`: every request goes to one decode node that
+    /// prefills and decodes it (vLLM-style continuous batching with chunked
+    /// prefill and a local prefix cache; the baseline).
+    pub mode: Mode,
     pub policy: PolicyKind,
     pub slo: SloConfig,
     /// Largest HTTP request body.
@@ -43,6 +48,15 @@ pub struct ConductorConfig {
     pub stall_timeout_ms: u64,
     /// Seed of the random policy (decisions replay for a seed).
     pub seed: u64,
+}
+
+/// How requests use the workers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Mode {
+    #[default]
+    Disaggregated,
+    Colocated,
 }
 
 /// Service-level objectives, in milliseconds.
@@ -74,6 +88,7 @@ impl Default for ConductorConfig {
             listen: SocketAddr::from(([127, 0, 0, 1], 8000)),
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8001)),
             served_model_name: String::new(),
+            mode: Mode::Disaggregated,
             policy: PolicyKind::KvCentric,
             slo: SloConfig::default(),
             max_body: ByteSize::mib(4),
@@ -140,6 +155,10 @@ mod tests {
         ConductorConfig::default().validate().unwrap();
         let c: ConductorConfig = toml::from_str("policy = \"round-robin\"\n[slo]\nttft_ms = 500\n").unwrap();
         assert_eq!(c.policy, PolicyKind::RoundRobin);
+        assert_eq!(c.mode, Mode::Disaggregated);
+        let c: ConductorConfig = toml::from_str("mode = \"colocated\"").unwrap();
+        assert_eq!(c.mode, Mode::Colocated);
+        assert!(toml::from_str::<ConductorConfig>("mode = \"mixed\"").is_err());
         assert_eq!(c.slo.ttft_ms, 500.0);
         assert_eq!(c.slo.tbt_ms, SloConfig::default().tbt_ms);
         assert!(toml::from_str::<ConductorConfig>("policy = \"fastest\"").is_err());

@@ -109,19 +109,25 @@ impl Conductor {
             let n = st.requests.len();
             return Err(reject(429, format!("{n} requests are in flight, the most this conductor takes"), 1));
         }
-        if !st.prefill.iter().any(|n| n.base.up()) || !st.decode.iter().any(|n| n.base.up()) {
+        let colocated = self.colocated();
+        if (!colocated && !st.prefill.iter().any(|n| n.base.up())) || !st.decode.iter().any(|n| n.base.up()) {
             return Err(reject(503, "no prefill or no decode node is up".into(), 2));
         }
         let info = self.request_info(&sub, cached_blocks, st.prefill.len());
         let pv: Vec<_> = st.prefill.iter().map(|n| n.view(self.read_bytes_per_ms())).collect();
         let dv: Vec<_> = st.decode.iter().map(|n| n.view()).collect();
-        let placement = match st.scheduler.schedule(now, &info, &pv, &dv) {
+        let verdict = if colocated {
+            st.scheduler.schedule_colocated(now, &info, &dv)
+        } else {
+            st.scheduler.schedule(now, &info, &pv, &dv)
+        };
+        let placement = match verdict {
             Verdict::Accept(p) => p,
             Verdict::Reject { reason, retry_after_ms } => {
                 return Err(reject(429, format!("overloaded: {reason}"), retry_after_ms.div_ceil(1000).max(1)));
             }
         };
-        let queued = pv[placement.prefill].queued_ms;
+        let queued = if colocated { 0.0 } else { pv[placement.prefill].queued_ms };
         self.book(&mut st, id, &sub, &placement, queued, now, cached_blocks);
         drop(st);
         self.prompt_total.fetch_add(sub.prompt.len() as u64, Ordering::Relaxed);
@@ -152,8 +158,11 @@ impl Conductor {
         now: u64,
         cached_blocks: u32,
     ) {
-        let prefill_ms = (p.predicted_ttft_ms - queued_ms).max(0.0);
-        st.prefill[p.prefill].outstanding.insert(id, prefill_ms);
+        let colocated = self.colocated();
+        if !colocated {
+            let prefill_ms = (p.predicted_ttft_ms - queued_ms).max(0.0);
+            st.prefill[p.prefill].outstanding.insert(id, prefill_ms);
+        }
         let seq = SeqLoad {
             context: sub.prompt.len() as u32,
             remaining: sub.max_tokens,
@@ -172,7 +181,8 @@ impl Conductor {
             arrived: Instant::now(),
         });
         t.stage = Stage::Prefilling;
-        t.prefill = st.prefill[p.prefill].base.name.clone();
+        t.prefill =
+            if colocated { st.decode[p.decode].base.name.clone() } else { st.prefill[p.prefill].base.name.clone() };
         t.decode = st.decode[p.decode].base.name.clone();
         t.attempts += 1;
         self.metrics.in_flight.set(st.requests.len() as i64);
@@ -268,9 +278,15 @@ impl Conductor {
         let info = self.request_info(&sub, 0, st.prefill.len());
         let pv: Vec<_> = st.prefill.iter().map(|n| n.view(self.read_bytes_per_ms())).collect();
         let dv: Vec<_> = st.decode.iter().map(|n| n.view()).collect();
-        match st.scheduler.place(now, &info, &pv, &dv) {
+        let verdict = if self.colocated() {
+            st.scheduler.schedule_colocated(now, &info, &dv)
+        } else {
+            st.scheduler.place(now, &info, &pv, &dv)
+        };
+        match verdict {
             Verdict::Accept(p) => {
-                self.book(&mut st, ticket.id, &sub, &p, pv[p.prefill].queued_ms, now, 0);
+                let queued = pv.get(p.prefill).map_or(0.0, |v| v.queued_ms);
+                self.book(&mut st, ticket.id, &sub, &p, queued, now, 0);
                 if let Some(t) = st.requests.get_mut(&ticket.id) {
                     t.stage = Stage::Retrying;
                 }
@@ -290,10 +306,16 @@ impl Conductor {
         timing: &mut Timing,
     ) -> Attempt {
         let sub = &ticket.sub;
-        let (mut client, decode_addr, prefill_name, decode_name) = {
+        let colocated = self.colocated();
+        let (prefill_client, decode_client, decode_addr, prefill_name, decode_name) = {
             let st = self.state.lock();
-            let (pn, dn) = (&st.prefill[p.prefill], &st.decode[p.decode]);
-            (pn.client(), dn.base.addr.to_string(), pn.base.name.clone(), dn.base.name.clone())
+            let dn = &st.decode[p.decode];
+            if colocated {
+                (None, dn.client(), String::new(), dn.base.name.clone(), dn.base.name.clone())
+            } else {
+                let pn = &st.prefill[p.prefill];
+                (Some(pn.client()), dn.client(), dn.base.addr.to_string(), pn.base.name.clone(), dn.base.name.clone())
+            }
         };
         let mut prompt = sub.prompt.clone();
         prompt.extend_from_slice(generated);
@@ -306,20 +328,28 @@ impl Conductor {
             sampler_step: generated.len() as u64,
         };
         let cached_blocks = if generated.is_empty() { ticket.cached_blocks } else { 0 };
-        let req = pb::PrefillRequest { request: Some(request), decode_addr, cached_blocks };
         let stall = Duration::from_millis(self.cfg.stall_timeout_ms);
+        let call = async {
+            match prefill_client {
+                Some(mut c) => {
+                    c.prefill(pb::PrefillRequest { request: Some(request), decode_addr, cached_blocks }).await
+                }
+                // Colocated: the decode node prefills too.
+                None => decode_client.clone().generate(request).await,
+            }
+        };
         let call = tokio::select! {
             _ = tx.closed() => return Attempt::Cancelled,
-            r = tokio::time::timeout(stall, client.prefill(req)) => r,
+            r = tokio::time::timeout(stall, call) => r,
         };
         let mut stream = match call {
             Ok(Ok(s)) => s.into_inner(),
-            Ok(Err(status)) => return failed(status),
+            Ok(Err(status)) => return failed(status, colocated),
             Err(_) => {
                 return Attempt::Failed {
-                    decode: false,
+                    decode: colocated,
                     retry: true,
-                    message: format!("prefill node {prefill_name} did not answer in {stall:?}"),
+                    message: format!("{prefill_name} did not answer in {stall:?}"),
                 }
             }
         };
@@ -332,12 +362,12 @@ impl Conductor {
                 Ok(Ok(Some(ev))) => ev,
                 Ok(Ok(None)) => {
                     return Attempt::Failed {
-                        decode: false,
+                        decode: colocated,
                         retry: true,
                         message: "the stream ended before the answer".into(),
                     }
                 }
-                Ok(Err(status)) => return failed(status),
+                Ok(Err(status)) => return failed(status, colocated),
                 Err(_) => {
                     return Attempt::Failed {
                         decode: true,
@@ -393,10 +423,12 @@ impl Conductor {
         self.metrics.cached_prompt_tokens.inc_by(cached as u64);
         let now = self.now_ms();
         let mut st = self.state.lock();
-        let node = &mut st.prefill[p.prefill];
-        node.outstanding.remove(&ticket.id);
-        if s.computed_tokens > 0 && s.prefill_us > 0 {
-            node.cost.observe(s.computed_tokens, cached, s.prefill_us as f64 / 1000.0);
+        if !self.colocated() {
+            let node = &mut st.prefill[p.prefill];
+            node.outstanding.remove(&ticket.id);
+            if s.computed_tokens > 0 && s.prefill_us > 0 {
+                node.cost.observe(s.computed_tokens, cached, s.prefill_us as f64 / 1000.0);
+            }
         }
         if let Some(placed) = st.decode[p.decode].seqs.get_mut(&ticket.id) {
             placed.prefilled = true;
@@ -416,11 +448,12 @@ struct Timing {
     last: Option<Instant>,
 }
 
-/// A node's error status: which side, and whether another node could do
-/// better (a request the node found invalid would fail anywhere).
-fn failed(status: tonic::Status) -> Attempt {
+/// A node's error status: which side (always the decode node when
+/// colocated), and whether another node could do better (a request the
+/// node found invalid would fail anywhere).
+fn failed(status: tonic::Status, colocated: bool) -> Attempt {
     let message = status.message().to_string();
-    let decode = message.starts_with("decode node");
+    let decode = colocated || message.starts_with("decode node");
     let retry = !matches!(status.code(), Code::InvalidArgument | Code::FailedPrecondition | Code::OutOfRange);
     Attempt::Failed { decode, retry, message }
 }

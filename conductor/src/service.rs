@@ -4,7 +4,7 @@
 //! [`crate::dispatch`] moves requests through it.
 
 use crate::config::ConductorConfig;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, NodeRoleLabel, Role};
 use crate::nodes::{prefill_prior, record_health, DecodeNode, Health, PrefillNode};
 use crate::schedule::Scheduler;
 use parking_lot::Mutex;
@@ -116,6 +116,28 @@ pub struct Conductor {
     pub started: Instant,
 }
 
+/// A worker's status, by role.
+#[derive(Debug, Clone)]
+enum Polled {
+    Prefill(pb::PrefillStatus),
+    Decode(pb::DecodeStatus),
+}
+
+impl Polled {
+    /// The model fingerprint and block size the node reports.
+    fn model(&self) -> (&str, u32) {
+        match self {
+            Polled::Prefill(s) => (&s.model_fingerprint, s.block_tokens),
+            Polled::Decode(s) => (&s.model_fingerprint, s.block_tokens),
+        }
+    }
+}
+
+/// Share of a node's KV pages in use.
+fn kv_used(free: u32, total: u32) -> f64 {
+    1.0 - free as f64 / total.max(1) as f64
+}
+
 /// Store reads assumed for the prefix transfer time (bytes per ms).
 const READ_BYTES_PER_MS: f64 = 1.0e6;
 
@@ -162,9 +184,21 @@ impl Conductor {
         READ_BYTES_PER_MS
     }
 
-    /// Ready: at least one prefill and one decode node accept work.
+    pub fn colocated(&self) -> bool {
+        self.cfg.mode == crate::config::Mode::Colocated
+    }
+
+    /// Ready: at least one prefill and one decode node accept work (a
+    /// decode node, colocated).
     pub fn ready(&self) -> Result<(), String> {
         let st = self.state.lock();
+        if self.colocated() {
+            let d = st.decode.iter().filter(|n| n.base.accepting()).count();
+            if d == 0 {
+                return Err(format!("none of {} decode nodes accepts work (colocated mode)", st.decode.len()));
+            }
+            return Ok(());
+        }
         let p = st.prefill.iter().filter(|n| n.base.accepting()).count();
         let d = st.decode.iter().filter(|n| n.base.accepting()).count();
         if p == 0 || d == 0 {
@@ -184,17 +218,23 @@ impl Conductor {
             (st.prefill.len(), st.decode.len())
         };
         for i in 0..np {
-            tokio::spawn(self.clone().poll_prefill(i));
+            tokio::spawn(self.clone().poll(false, i));
         }
         for i in 0..nd {
-            tokio::spawn(self.clone().poll_decode(i));
+            tokio::spawn(self.clone().poll(true, i));
         }
         tokio::spawn(self.clone().rate_loop());
     }
 
     /// Adds a worker found by discovery (or re-enables a known one at a new
     /// address) and starts polling it.
-    pub fn add_worker(self: &Arc<Self>, name: &str, role: &str, addr: SocketAddr) -> anyhow::Result<()> {
+    pub fn add_worker(
+        self: &Arc<Self>,
+        name: &str,
+        role: &str,
+        addr: SocketAddr,
+        max_batch: u32,
+    ) -> anyhow::Result<()> {
         let mut st = self.state.lock();
         match role {
             "prefill" => {
@@ -208,21 +248,20 @@ impl Conductor {
                 let mut n = PrefillNode::new(name, addr).map_err(anyhow::Error::msg)?;
                 n.base.discovered = true;
                 st.prefill.push(n);
-                tokio::spawn(self.clone().poll_prefill(st.prefill.len() - 1));
+                tokio::spawn(self.clone().poll(false, st.prefill.len() - 1));
             }
             "decode" => {
                 if let Some(n) = st.decode.iter_mut().find(|n| n.base.name == name) {
                     if n.base.addr != addr {
-                        let max_batch = n.max_batch;
                         *n = DecodeNode::new(name, addr, max_batch).map_err(anyhow::Error::msg)?;
                         n.base.discovered = true;
                     }
                     return Ok(());
                 }
-                let mut n = DecodeNode::new(name, addr, 64).map_err(anyhow::Error::msg)?;
+                let mut n = DecodeNode::new(name, addr, max_batch).map_err(anyhow::Error::msg)?;
                 n.base.discovered = true;
                 st.decode.push(n);
-                tokio::spawn(self.clone().poll_decode(st.decode.len() - 1));
+                tokio::spawn(self.clone().poll(true, st.decode.len() - 1));
             }
             _ => {}
         }
@@ -245,139 +284,120 @@ impl Conductor {
         }
     }
 
-    async fn poll_prefill(self: Arc<Self>, i: usize) {
+    /// Polls one worker's status for as long as the conductor runs:
+    /// health, load metrics, the model check, online correction of the
+    /// decode cost, and the node's profile each time it comes up.
+    async fn poll(self: Arc<Self>, decode: bool, i: usize) {
         let started = Instant::now();
         let timeout = Duration::from_millis(self.cfg.node_timeout_ms);
         let mut profile_due = true;
         loop {
-            let mut client = self.state.lock().prefill[i].client();
-            let res = tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await;
-            let res: Result<pb::PrefillStatus, String> = match res {
-                Ok(Ok(r)) => Ok(r.into_inner()),
-                Ok(Err(e)) => Err(e.message().to_string()),
-                Err(_) => Err(format!("no status within {timeout:?}")),
-            };
+            let res = self.status_of(decode, i, timeout).await;
             let mut fetch_profile = false;
             {
                 let mut st = self.state.lock();
                 let check = match &res {
                     Ok(s) => {
-                        Self::check_fingerprint(&mut st, &s.model_fingerprint, s.block_tokens, self.model.block_tokens)
+                        let (fingerprint, block_tokens) = s.model();
+                        Self::check_fingerprint(&mut st, fingerprint, block_tokens, self.model.block_tokens)
                     }
                     Err(e) => Err(e.clone()),
                 };
-                let n = &mut st.prefill[i];
                 if let Ok(s) = &res {
-                    if !n.base.profiled {
-                        n.cost = prefill_prior(s.tokens_per_second);
-                    }
-                    self.metrics
-                        .prefill_queue
-                        .get_or_create(&Metrics::node(&n.base.name))
-                        .set(s.queued_requests as i64);
-                    let used = 1.0 - s.kv_pages_free as f64 / s.kv_pages_total.max(1) as f64;
-                    self.metrics
-                        .kv_usage
-                        .get_or_create(&crate::metrics::NodeRoleLabel {
-                            node: n.base.name.clone(),
-                            role: crate::metrics::Role::Prefill,
-                        })
-                        .set(used);
-                    n.status = Some(s.clone());
+                    self.apply_status(&mut st, i, s);
                 }
-                if record_health(&mut n.base, check, timeout, started) {
+                let base = if decode { &mut st.decode[i].base } else { &mut st.prefill[i].base };
+                if record_health(base, check, timeout, started) {
                     profile_due = true;
                 }
-                if !n.base.up() {
+                if !base.up() {
                     profile_due = true;
                 } else if profile_due {
                     fetch_profile = true;
                     profile_due = false;
                 }
-                n.base.publish(&self.metrics);
+                base.publish(&self.metrics);
             }
-            if fetch_profile {
-                match tokio::time::timeout(Duration::from_secs(30), client.profile(pb::ProfileRequest {})).await {
-                    Ok(Ok(r)) => {
-                        let r = r.into_inner();
-                        let mut st = self.state.lock();
-                        let n = &mut st.prefill[i];
-                        if n.fit_profile(&r.prefill) {
-                            tracing::info!(node = %n.base.name, points = r.prefill.len(), "prefill cost model fitted");
-                        }
-                    }
-                    Ok(Err(e)) => tracing::warn!("prefill node profile: {}", e.message()),
-                    Err(_) => profile_due = true,
-                }
+            if fetch_profile && !self.fetch_profile(decode, i).await {
+                profile_due = true;
             }
             tokio::time::sleep(Duration::from_millis(self.cfg.status_interval_ms)).await;
         }
     }
 
-    async fn poll_decode(self: Arc<Self>, i: usize) {
-        let started = Instant::now();
-        let timeout = Duration::from_millis(self.cfg.node_timeout_ms);
-        let mut profile_due = true;
-        loop {
-            let mut client = self.state.lock().decode[i].client();
-            let res = tokio::time::timeout(timeout, client.status(pb::StatusRequest {})).await;
-            let res: Result<pb::DecodeStatus, String> = match res {
-                Ok(Ok(r)) => Ok(r.into_inner()),
-                Ok(Err(e)) => Err(e.message().to_string()),
-                Err(_) => Err(format!("no status within {timeout:?}")),
-            };
-            let mut fetch_profile = false;
-            {
-                let mut st = self.state.lock();
-                let check = match &res {
-                    Ok(s) => {
-                        Self::check_fingerprint(&mut st, &s.model_fingerprint, s.block_tokens, self.model.block_tokens)
-                    }
-                    Err(e) => Err(e.clone()),
-                };
-                let n = &mut st.decode[i];
-                if let Ok(s) = &res {
-                    n.observe_status(s);
-                    let label = Metrics::node(&n.base.name);
-                    self.metrics.decode_batch.get_or_create(&label).set(s.batch_size as i64);
-                    self.metrics.decode_waiting.get_or_create(&label).set(s.waiting as i64);
-                    let used = 1.0 - s.kv_pages_free as f64 / s.kv_pages_total.max(1) as f64;
-                    self.metrics
-                        .kv_usage
-                        .get_or_create(&crate::metrics::NodeRoleLabel {
-                            node: n.base.name.clone(),
-                            role: crate::metrics::Role::Decode,
-                        })
-                        .set(used);
-                    n.status = Some(s.clone());
-                }
-                if record_health(&mut n.base, check, timeout, started) {
-                    profile_due = true;
-                }
-                if !n.base.up() {
-                    profile_due = true;
-                } else if profile_due {
-                    fetch_profile = true;
-                    profile_due = false;
-                }
-                n.base.publish(&self.metrics);
+    async fn status_of(&self, decode: bool, i: usize, timeout: Duration) -> Result<Polled, String> {
+        let call = async {
+            if decode {
+                let mut c = self.state.lock().decode[i].client();
+                c.status(pb::StatusRequest {}).await.map(|r| Polled::Decode(r.into_inner()))
+            } else {
+                let mut c = self.state.lock().prefill[i].client();
+                c.status(pb::StatusRequest {}).await.map(|r| Polled::Prefill(r.into_inner()))
             }
-            if fetch_profile {
-                match tokio::time::timeout(Duration::from_secs(30), client.profile(pb::ProfileRequest {})).await {
-                    Ok(Ok(r)) => {
-                        let r = r.into_inner();
-                        let mut st = self.state.lock();
-                        let n = &mut st.decode[i];
-                        if n.fit_profile(&r.decode) {
-                            tracing::info!(node = %n.base.name, points = r.decode.len(), "decode cost model fitted");
-                        }
-                    }
-                    Ok(Err(e)) => tracing::warn!("decode node profile: {}", e.message()),
-                    Err(_) => profile_due = true,
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(self.cfg.status_interval_ms)).await;
+        };
+        match tokio::time::timeout(timeout, call).await {
+            Ok(Ok(s)) => Ok(s),
+            Ok(Err(e)) => Err(e.message().to_string()),
+            Err(_) => Err(format!("no status within {timeout:?}")),
         }
+    }
+
+    /// Folds a status into the node and its metrics.
+    fn apply_status(&self, st: &mut State, i: usize, s: &Polled) {
+        let (name, role, used) = match s {
+            Polled::Prefill(s) => {
+                let n = &mut st.prefill[i];
+                if !n.base.profiled {
+                    n.cost = prefill_prior(s.tokens_per_second);
+                }
+                self.metrics.prefill_queue.get_or_create(&Metrics::node(&n.base.name)).set(s.queued_requests as i64);
+                n.status = Some(s.clone());
+                (n.base.name.clone(), Role::Prefill, kv_used(s.kv_pages_free, s.kv_pages_total))
+            }
+            Polled::Decode(s) => {
+                let n = &mut st.decode[i];
+                n.observe_status(s);
+                let label = Metrics::node(&n.base.name);
+                self.metrics.decode_batch.get_or_create(&label).set(s.batch_size as i64);
+                self.metrics.decode_waiting.get_or_create(&label).set(s.waiting as i64);
+                n.status = Some(s.clone());
+                (n.base.name.clone(), Role::Decode, kv_used(s.kv_pages_free, s.kv_pages_total))
+            }
+        };
+        self.metrics.kv_usage.get_or_create(&NodeRoleLabel { node: name, role }).set(used);
+    }
+
+    /// Reads a node's profile and fits its cost model; `false` when the
+    /// node did not answer in time (try again at the next poll).
+    async fn fetch_profile(&self, decode: bool, i: usize) -> bool {
+        let limit = Duration::from_secs(30);
+        let reply = if decode {
+            let mut c = self.state.lock().decode[i].client();
+            tokio::time::timeout(limit, c.profile(pb::ProfileRequest {})).await
+        } else {
+            let mut c = self.state.lock().prefill[i].client();
+            tokio::time::timeout(limit, c.profile(pb::ProfileRequest {})).await
+        };
+        let r = match reply {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(e)) => {
+                tracing::warn!("node profile: {}", e.message());
+                return true;
+            }
+            Err(_) => return false,
+        };
+        let mut st = self.state.lock();
+        let (name, fitted) = if decode {
+            let n = &mut st.decode[i];
+            (n.base.name.clone(), n.fit_profile(&r.decode))
+        } else {
+            let n = &mut st.prefill[i];
+            (n.base.name.clone(), n.fit_profile(&r.prefill))
+        };
+        if fitted {
+            tracing::info!(node = %name, "cost model fitted from the node's profile");
+        }
+        true
     }
 
     /// After a request failed on a node: one quick status call; a node

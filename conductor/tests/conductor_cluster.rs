@@ -371,3 +371,39 @@ fn the_two_host_example_serves_correctly_and_drain_moves_new_work_away() {
     let out = ctl(&cfg, &["nodes"]);
     assert!(out.contains("decode-a") && out.contains("prefill-b"), "{out}");
 }
+
+#[test]
+fn colocated_mode_serves_from_decode_nodes_alone_with_their_local_prefix_caches() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cluster_file(dir.path(), 0, 2, "mode = \"colocated\"\npolicy = \"least-loaded\"");
+    let up = Up::start(&cfg, &dir.path().join("logs"));
+    let a = up.http;
+    let tok = tokenizer();
+    let prompts: Vec<Vec<u32>> = (0..2)
+        .map(|i| {
+            let text = format!(
+                "Recipe {i}: to bake a good loaf of bread at home you need strong flour, warm water, a little salt, \
+                 some yeast, a large bowl, a clean towel, patience while the dough rises twice, and"
+            );
+            tok.encode(&text, true).unwrap()
+        })
+        .collect();
+    let want: Vec<String> = reference(&prompts, 32).iter().map(|ids| tok.decode(ids, true).unwrap()).collect();
+    let body =
+        |p: &Vec<u32>| json!({"prompt": p, "max_tokens": 32, "temperature": 0, "ignore_eos": true, "stream": true});
+    // Two at once land on different workers; both answer exactly.
+    let streams: Vec<Sse> = prompts.iter().map(|p| Sse::open(a, "/v1/completions", &body(p))).collect();
+    for (i, s) in streams.into_iter().enumerate() {
+        assert_eq!(stream_text(s).unwrap(), (want[i].clone(), "length".to_string()), "request {i}");
+    }
+    let on = |node: &str| up.metric(&format!("tandem_generated_tokens_total{{node=\"{node}\"}}")).unwrap_or(0.0);
+    assert!(on("decode-0") > 0.0 && on("decode-1") > 0.0, "least-loaded spreads the two requests");
+    // Asked again, the prompts' blocks come from the workers' own caches.
+    for (i, p) in prompts.iter().enumerate() {
+        let r =
+            post(a, "/v1/completions", &json!({"prompt": p, "max_tokens": 32, "temperature": 0, "ignore_eos": true}));
+        assert_eq!(r.json()["choices"][0]["text"], want[i]);
+    }
+    assert!(up.metric("tandem_cached_prompt_tokens_total").unwrap_or(0.0) > 0.0, "no local prefix cache hit");
+}

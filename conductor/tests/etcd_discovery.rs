@@ -285,3 +285,39 @@ async fn register_against_a_silent_endpoint_times_out() {
     assert!(message.contains(&cfg.etcd[0]) && message.contains("no answer"), "{message}");
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}: {message}");
 }
+
+mod common;
+
+/// The whole path: workers of a cluster file with `[discovery]` register in
+/// a real etcd, the conductor (with no static worker list) finds them
+/// there and serves requests through them; `tandem ctl nodes` shows them as
+/// discovered.
+#[test]
+fn workers_found_through_etcd_serve_requests() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let etcd = rt.block_on(Etcd::start());
+    let dir = tempfile::tempdir().unwrap();
+    let discovery = format!("\n[discovery]\netcd = [\"{}\"]\nlease_ttl_s = 2\n", etcd.url());
+    let cfg = common::http::cluster_file(dir.path(), 1, 1, &discovery);
+    let up = common::http::Up::start(&cfg, &dir.path().join("logs"));
+    let body = serde_json::json!({"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0});
+    let r = common::http::post(up.http, "/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .arg("ctl")
+        .arg("--config")
+        .arg(&cfg)
+        .args(["nodes", "--json"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let nodes = v["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2, "{v}");
+    assert!(nodes.iter().all(|n| n["discovered"] == true), "{v}");
+    // The registrations are in etcd under the prefix.
+    let members = rt.block_on(async { discovery::watch(&etcd.config(2)).await.unwrap().0 });
+    let mut names: Vec<String> = members.into_iter().map(|m| m.name).collect();
+    names.sort();
+    assert_eq!(names, ["decode-0", "prefill-0"]);
+}

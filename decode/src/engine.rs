@@ -1,10 +1,15 @@
 //! The decode engine thread: a paged KV pool and the continuous batch.
 //!
 //! Each loop turn takes in new admissions (their blocks already read by
-//! the service, off this thread), admits as many as pages and `max_batch`
-//! allow, preempts when the running batch would outgrow the pool, runs one
-//! forward pass for every running sequence and streams each new token.
+//! the service, off this thread; a colocated request's from the local
+//! cache, here), admits as many as pages and `max_batch` allow, preempts
+//! when the running batch would outgrow the pool, runs one forward pass
+//! for every running sequence and streams each new token. A sequence with
+//! more than its next token to compute (a colocated prompt, blocks the
+//! store lost) rides in the same passes, in chunks under `chunk_tokens`,
+//! and samples when its chunk reaches the last token.
 
+use crate::local_cache::LocalCache;
 use crate::wire;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use std::collections::VecDeque;
@@ -36,31 +41,75 @@ pub struct RequestStats {
     pub fetch: Duration,
 }
 
+/// Where a sequence came from, which decides where its blocks live.
+#[derive(Debug)]
+pub enum Origin {
+    /// Handed off by a prefill node: its blocks come from the store and
+    /// blocks that fill go back to it.
+    Handoff,
+    /// A colocated `Generate`: this node computes the prompt, reading and
+    /// filling its own prefix cache; the store is never touched.
+    Colocated(PromptStats),
+}
+
+/// A colocated request's prompt phase, reported in its `Prefilled` event.
+#[derive(Debug)]
+pub struct PromptStats {
+    pub enqueued: Instant,
+    /// When it was first admitted (its prompt began computing).
+    pub started: Option<Instant>,
+    /// Prompt blocks taken from the local cache.
+    pub cached_blocks: u32,
+    /// Prompt tokens computed by forward passes.
+    pub computed_tokens: u32,
+}
+
+impl PromptStats {
+    pub fn new() -> PromptStats {
+        PromptStats { enqueued: Instant::now(), started: None, cached_blocks: 0, computed_tokens: 0 }
+    }
+}
+
+impl Default for PromptStats {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// A sequence ready to (re)join the batch.
 #[derive(Debug)]
 pub struct Admission {
     pub id: String,
-    /// Every token so far (prompt, then generated); the KV covers all but
-    /// the last, which is the next input.
+    /// Every token so far (prompt, then generated). The KV holds a prefix
+    /// of them; the forward passes compute the rest, in chunks, and the
+    /// one that reaches the last token samples the next. A decoding
+    /// sequence's KV covers all but the last; a colocated request's prompt
+    /// starts with none of it (less what the local cache has).
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
     pub max_tokens: usize,
     pub stop_ids: Vec<u32>,
     pub sampler: Sampler,
-    /// Keys of the KV's full blocks, in order.
+    /// Keys of the leading full blocks to read back (from the store for a
+    /// handoff, from the local cache for a colocated request), in order.
     pub keys: Vec<BlockKey>,
     /// The leading blocks read from the store.
     pub fetched: Vec<Vec<u8>>,
-    /// The KV's last partial block (whole-page bytes), usable when every
-    /// full block was fetched; empty when none.
+    /// The KV's last partial block (whole-page bytes; its first
+    /// `partial_tokens` slots are valid), usable when every block of
+    /// `keys` was read back; empty when none.
     pub partial: Vec<u8>,
+    pub partial_tokens: usize,
+    pub origin: Origin,
     pub out: EventSender,
     pub stats: RequestStats,
 }
 
 impl Admission {
-    fn kv_len(&self) -> usize {
-        self.tokens.len() - 1
+    /// A colocated request whose prompt is still to compute (no token
+    /// sampled yet).
+    fn in_prompt(&self) -> bool {
+        matches!(self.origin, Origin::Colocated(_)) && self.tokens.len() == self.prompt_len
     }
 }
 
@@ -130,11 +179,19 @@ pub struct EngineStats {
     pub written_back: AtomicU64,
     pub writebacks_in_flight: AtomicU64,
     pub preemptions: AtomicU64,
+    /// Prompt blocks colocated requests took from the local cache.
+    pub local_cache_hits: AtomicU64,
+    /// Blocks the local cache holds now.
+    pub local_cache_blocks: AtomicU64,
 }
 
 struct Running {
     a: Admission,
     seq: SeqKv,
+    /// Leading full blocks already where they belong (the store for a
+    /// handoff, the local cache for a colocated request): those past them
+    /// are put there as they fill.
+    published: usize,
 }
 
 /// The engine: run it on its own thread with [`DecodeEngine::run`].
@@ -156,6 +213,8 @@ pub struct DecodeEngine {
     /// Set when the node shuts down: the engine exits once idle.
     pub draining: Arc<AtomicBool>,
     pub pacer: Arc<Pacer>,
+    /// Colocated requests' prefix cache.
+    pub local: LocalCache,
 }
 
 impl DecodeEngine {
@@ -189,7 +248,8 @@ impl DecodeEngine {
             });
             while running.len() < self.max_batch {
                 let Some(front) = waiting.front() else { break };
-                let need = self.cache.pages_for(front.kv_len() + 1);
+                // Pages for everything it computes before it samples.
+                let need = self.cache.pages_for(front.tokens.len());
                 if need > self.cache.num_pages() {
                     let a = waiting.pop_front().expect("front exists");
                     let msg = format!("the sequence needs {need} KV pages; this node has {}", self.cache.num_pages());
@@ -215,60 +275,96 @@ impl DecodeEngine {
         self.stats.context_tokens.store(context as u64, Ordering::Relaxed);
         self.stats.waiting.store(waiting.len() as u64, Ordering::Relaxed);
         self.stats.free_pages.store(self.cache.free_pages() as u64, Ordering::Relaxed);
+        self.stats.local_cache_blocks.store(self.local.len() as u64, Ordering::Relaxed);
     }
 
     fn block_tokens(&self) -> usize {
         self.cache.geometry().page_tokens
     }
 
-    /// Puts `a`'s KV in pages: fetched blocks, then its partial block, then
-    /// recomputes whatever the store did not have. On failure the caller
-    /// gets the error and nothing stays allocated.
+    /// Puts `a`'s KV in pages: its leading blocks (fetched from the store
+    /// for a handoff, found in the local cache for a colocated request),
+    /// then its partial block, and reserves pages for the rest, which the
+    /// steps compute. At least the last token is always left to compute:
+    /// its logits give the next token. On failure the caller gets the
+    /// error and nothing stays allocated.
     fn admit(&mut self, mut a: Admission) -> Option<Running> {
         let bt = self.block_tokens();
-        let kv_len = a.kv_len();
+        let most = (a.tokens.len() - 1) / bt;
         let mut seq = SeqKv::default();
-        let views: Vec<&[u8]> = a.fetched.iter().map(Vec::as_slice).collect();
-        if let Err(e) = self.cache.append_blocks(&mut seq, &views) {
-            tracing::warn!(request = %a.id, "fetched blocks unusable; recomputing: {e}");
+        let in_prompt = a.in_prompt();
+        match &mut a.origin {
+            Origin::Handoff => {
+                a.fetched.truncate(most);
+                let views: Vec<&[u8]> = a.fetched.iter().map(Vec::as_slice).collect();
+                if let Err(e) = self.cache.append_blocks(&mut seq, &views) {
+                    tracing::warn!(request = %a.id, "fetched blocks unusable; recomputing: {e}");
+                }
+                self.stats.fetched_blocks.fetch_add(a.stats.fetched_blocks as u64, Ordering::Relaxed);
+            }
+            Origin::Colocated(p) => {
+                p.started.get_or_insert_with(Instant::now);
+                let views = self.local.prefix(&a.keys);
+                let whole = views.len().min(most);
+                let mut hits = match self.cache.append_blocks(&mut seq, &views[..whole]) {
+                    Ok(()) => whole,
+                    Err(e) => {
+                        tracing::warn!(request = %a.id, "local blocks unusable; computing them: {e}");
+                        0
+                    }
+                };
+                // A prompt of whole blocks, every one held: the last block
+                // goes in but for its last token, which is all that is
+                // computed.
+                if hits == most && views.len() > most && bt > 1 {
+                    match self.cache.append_partial(&mut seq, views[most], bt - 1) {
+                        Ok(()) => hits += 1,
+                        Err(e) => tracing::warn!(request = %a.id, "local block unusable; computing it: {e}"),
+                    }
+                }
+                self.stats.local_cache_hits.fetch_add(hits as u64, Ordering::Relaxed);
+                if in_prompt {
+                    p.cached_blocks += hits as u32;
+                }
+            }
         }
         a.fetched = Vec::new();
-        let partial_tokens = kv_len % bt;
-        if seq.len() == a.keys.len() * bt && partial_tokens > 0 && !a.partial.is_empty() {
-            if let Err(e) = self.cache.append_partial(&mut seq, &a.partial, partial_tokens) {
+        let partial_fits = seq.len() + a.partial_tokens < a.tokens.len();
+        if seq.len() == a.keys.len() * bt && a.partial_tokens > 0 && !a.partial.is_empty() && partial_fits {
+            if let Err(e) = self.cache.append_partial(&mut seq, &a.partial, a.partial_tokens) {
                 tracing::warn!(request = %a.id, "partial block unusable; recomputing: {e}");
             }
         }
         a.partial = Vec::new();
-        let mut pos = seq.len();
-        while pos < kv_len {
-            let end = (pos + self.chunk_tokens).min(kv_len);
-            let mut steps = [Step { tokens: &a.tokens[pos..end], seq: &mut seq, logits: Logits::None }];
-            if let Err(e) = self.model.forward(&mut self.cache, &mut steps) {
-                self.cache.release(seq);
-                let _ = a.out.send(Err(Status::internal(format!("recomputing the sequence's KV: {e}"))));
-                return None;
-            }
-            a.stats.recomputed_tokens += (end - pos) as u32;
-            self.stats.recomputed_tokens.fetch_add((end - pos) as u64, Ordering::Relaxed);
-            pos = end;
+        a.partial_tokens = 0;
+        // Admission counted these pages as taken; holding them keeps the
+        // next admissions honest while the prompt computes chunk by chunk.
+        if let Err(e) = self.cache.reserve(&mut seq, a.tokens.len()) {
+            self.cache.release(seq);
+            let _ = a.out.send(Err(Status::resource_exhausted(format!("KV pages for the sequence: {e}"))));
+            return None;
         }
-        self.stats.fetched_blocks.fetch_add(a.stats.fetched_blocks as u64, Ordering::Relaxed);
-        Some(Running { a, seq })
+        let published = match a.origin {
+            Origin::Handoff => a.keys.len(),
+            Origin::Colocated(_) => seq.len() / bt,
+        };
+        Some(Running { a, seq, published })
     }
 
     /// Preempts the most recently admitted sequence: its pages go back to
-    /// the pool; its full blocks are (or are being) in the store and its
-    /// partial block is kept, so it re-joins after a fetch.
+    /// the pool; its full blocks are (or are being) in the store or the
+    /// local cache and its partial block is kept, so it re-joins after a
+    /// fetch (a colocated one at once: its blocks are on this node).
     fn preempt(&mut self, mut r: Running) {
         let bt = self.block_tokens();
         let kv_len = r.seq.len();
         let full = kv_len / bt;
         r.a.keys = block_keys(self.salt, &r.a.tokens[..full * bt], bt);
-        r.a.partial = if !kv_len.is_multiple_of(bt) {
+        r.a.partial_tokens = kv_len % bt;
+        r.a.partial = if r.a.partial_tokens > 0 {
             r.seq
                 .block_table()
-                .last()
+                .get(full)
                 .and_then(|&p| self.cache.page_bytes(p).ok())
                 .map(<[u8]>::to_vec)
                 .unwrap_or_default()
@@ -279,10 +375,14 @@ impl DecodeEngine {
         r.a.stats.preemptions += 1;
         self.stats.preemptions.fetch_add(1, Ordering::Relaxed);
         tracing::debug!(request = %r.a.id, tokens = kv_len, "preempted (pages exhausted)");
+        let mut a = r.a;
+        if let Origin::Colocated(_) = a.origin {
+            let _ = self.resubmit.send(a);
+            return;
+        }
         let store = self.store.clone();
         let back = self.resubmit.clone();
         let block_bytes = self.cache.block_bytes();
-        let mut a = r.a;
         let pacer = self.pacer.clone();
         self.rt.spawn(async move {
             fetch(store.as_deref(), &mut a, block_bytes, &pacer).await;
@@ -290,16 +390,38 @@ impl DecodeEngine {
         });
     }
 
+    /// Tokens each running sequence computes in the next step (0: none):
+    /// one for a decoding sequence; for the others (a prompt, or blocks
+    /// the store lost) chunks sharing `chunk_tokens`, oldest first.
+    fn plan(&self, running: &[Running]) -> Vec<usize> {
+        let mut budget = self.chunk_tokens;
+        running
+            .iter()
+            .map(|r| match r.a.tokens.len() - r.seq.len() {
+                1 => 1,
+                pending => {
+                    let take = pending.min(budget);
+                    budget -= take;
+                    take
+                }
+            })
+            .collect()
+    }
+
+    /// One forward pass over every running sequence's planned tokens; each
+    /// that reaches its last token samples the next.
     fn step(&mut self, running: &mut Vec<Running>) {
-        // Every sequence needs room for one more token; make it by
-        // preempting the youngest (never the last one standing).
-        loop {
+        // Make room for the planned tokens by preempting the youngest
+        // (never the last one standing).
+        let plan = loop {
+            let plan = self.plan(running);
             let need: usize = running
                 .iter()
-                .map(|r| self.cache.pages_for(r.seq.len() + 1).saturating_sub(r.seq.block_table().len()))
+                .zip(&plan)
+                .map(|(r, &take)| self.cache.pages_for(r.seq.len() + take).saturating_sub(r.seq.block_table().len()))
                 .sum();
             if need <= self.cache.free_pages() {
-                break;
+                break plan;
             }
             let victim = running.pop().expect("a running sequence needs a page");
             if running.is_empty() {
@@ -309,63 +431,43 @@ impl DecodeEngine {
                 return;
             }
             self.preempt(victim);
+        };
+        let chunked = plan.iter().any(|&take| take > 1);
+        let mut steps: Vec<Step<'_>> = Vec::with_capacity(running.len());
+        for (r, &take) in running.iter_mut().zip(&plan).filter(|(_, take)| **take > 0) {
+            let (start, end) = (r.seq.len(), r.seq.len() + take);
+            let logits = if end == r.a.tokens.len() { Logits::Last } else { Logits::None };
+            steps.push(Step { tokens: &r.a.tokens[start..end], seq: &mut r.seq, logits });
         }
-        let inputs: Vec<u32> = running.iter().map(|r| *r.a.tokens.last().expect("at least one token")).collect();
-        let mut steps: Vec<Step<'_>> = running
-            .iter_mut()
-            .zip(&inputs)
-            .map(|(r, t)| Step { tokens: std::slice::from_ref(t), seq: &mut r.seq, logits: Logits::Last })
-            .collect();
         let started = Instant::now();
         let result = self.model.forward(&mut self.cache, &mut steps);
         drop(steps);
-        let took = started.elapsed().as_nanos() as u64;
-        let old = self.stats.step_ns.load(Ordering::Relaxed);
-        let ewma = if old == 0 { took } else { (old * 7 + took * 3) / 10 };
-        self.stats.step_ns.store(ewma, Ordering::Relaxed);
+        // The step time reported is a decode step's: passes carrying prompt
+        // chunks would skew the scheduler's step-time model.
+        if !chunked {
+            let took = started.elapsed().as_nanos() as u64;
+            let old = self.stats.step_ns.load(Ordering::Relaxed);
+            let ewma = if old == 0 { took } else { (old * 7 + took * 3) / 10 };
+            self.stats.step_ns.store(ewma, Ordering::Relaxed);
+        }
         self.stats.steps.fetch_add(1, Ordering::Relaxed);
         let logits = match result {
             Ok(l) => l,
             Err(e) => {
                 for r in running.drain(..) {
-                    let _ = r.a.out.send(Err(Status::internal(format!("decode step failed: {e}"))));
+                    let _ = r.a.out.send(Err(Status::internal(format!("forward pass failed: {e}"))));
                     self.cache.release(r.seq);
                 }
                 return;
             }
         };
-        let ctx = self.model.config().max_position_embeddings;
+        let mut logits = logits.into_iter();
         let mut done = Vec::new();
-        for (i, (r, logits)) in running.iter_mut().zip(logits).enumerate() {
-            self.write_back_if_full(r);
-            let sampled = match r.a.sampler.sample(&logits) {
-                Ok(s) => s,
-                Err(e) => {
-                    let _ = r.a.out.send(Err(Status::internal(format!("sampling failed: {e}"))));
-                    done.push(i);
-                    continue;
-                }
-            };
-            r.a.tokens.push(sampled.token);
-            self.stats.generated.fetch_add(1, Ordering::Relaxed);
-            let event = Event::Tokens(pb::Tokens { tokens: vec![wire::token_to_pb(&sampled)] });
-            if r.a.out.send(Ok(pb::GenerateEvent { event: Some(event) })).is_err() {
-                done.push(i);
-                continue;
-            }
-            let generated = r.a.tokens.len() - r.a.prompt_len;
-            let finish = if r.a.stop_ids.contains(&sampled.token) {
-                Some(FinishReason::Stop)
-            } else if generated >= r.a.max_tokens {
-                Some(FinishReason::Length)
-            } else if r.a.tokens.len() >= ctx {
-                Some(FinishReason::ContextFull)
-            } else {
-                None
-            };
-            if let Some(reason) = finish {
-                let _ = r.a.out.send(Ok(finished_event(&r.a, reason, &self.name)));
-                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        for (i, (r, &take)) in running.iter_mut().zip(&plan).enumerate().filter(|(_, (_, take))| **take > 0) {
+            let logits = logits.next().expect("one logits row per step");
+            self.count_computed(r, take);
+            self.publish_blocks(r);
+            if r.seq.len() == r.a.tokens.len() && !self.next_token(r, &logits) {
                 done.push(i);
             }
         }
@@ -375,31 +477,111 @@ impl DecodeEngine {
         }
     }
 
-    /// Writes the sequence's last block back to the store when this step
-    /// filled it.
-    fn write_back_if_full(&mut self, r: &mut Running) {
-        let bt = self.block_tokens();
-        let kv_len = r.seq.len();
-        if !kv_len.is_multiple_of(bt) || kv_len / bt <= r.a.keys.len() {
+    /// Books the `take` tokens a step just computed for `r`: a colocated
+    /// prompt's are computed, the rest but a decode step's input token are
+    /// recomputed.
+    fn count_computed(&mut self, r: &mut Running, take: usize) {
+        let in_prompt = r.a.in_prompt();
+        if let (Origin::Colocated(p), true) = (&mut r.a.origin, in_prompt) {
+            p.computed_tokens += take as u32;
             return;
         }
-        r.a.keys = block_keys(self.salt, &r.a.tokens[..kv_len], bt);
-        let (Some(store), true) = (self.store.clone(), self.write_back) else { return };
-        let Some(key) = r.a.keys.last().copied() else { return };
-        let Some(bytes) = r.seq.block_table().last().and_then(|&p| self.cache.page_bytes(p).ok()).map(<[u8]>::to_vec)
-        else {
-            return;
+        let end = r.seq.len();
+        let recomputed = end.min(r.a.tokens.len() - 1) - (end - take);
+        if recomputed > 0 {
+            r.a.stats.recomputed_tokens += recomputed as u32;
+            self.stats.recomputed_tokens.fetch_add(recomputed as u64, Ordering::Relaxed);
+        }
+    }
+
+    /// Samples `r`'s next token from `logits` and streams it (after the
+    /// `Prefilled` event when it ends a colocated prompt). False when the
+    /// sequence is done: finished, failed or its caller gone.
+    fn next_token(&mut self, r: &mut Running, logits: &[f32]) -> bool {
+        if let (Origin::Colocated(p), true) = (&r.a.origin, r.a.in_prompt()) {
+            let started = p.started.unwrap_or(p.enqueued);
+            let event = Event::Prefilled(pb::PrefillStats {
+                cached_blocks: p.cached_blocks,
+                computed_tokens: p.computed_tokens,
+                stored_blocks: 0,
+                queue_us: started.duration_since(p.enqueued).as_micros() as u64,
+                prefill_us: started.elapsed().as_micros() as u64,
+                node: self.name.clone(),
+            });
+            if r.a.out.send(Ok(pb::GenerateEvent { event: Some(event) })).is_err() {
+                return false;
+            }
+        }
+        let sampled = match r.a.sampler.sample(logits) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = r.a.out.send(Err(Status::internal(format!("sampling failed: {e}"))));
+                return false;
+            }
         };
+        r.a.tokens.push(sampled.token);
+        self.stats.generated.fetch_add(1, Ordering::Relaxed);
+        let event = Event::Tokens(pb::Tokens { tokens: vec![wire::token_to_pb(&sampled)] });
+        if r.a.out.send(Ok(pb::GenerateEvent { event: Some(event) })).is_err() {
+            return false;
+        }
+        let generated = r.a.tokens.len() - r.a.prompt_len;
+        let finish = if r.a.stop_ids.contains(&sampled.token) {
+            Some(FinishReason::Stop)
+        } else if generated >= r.a.max_tokens {
+            Some(FinishReason::Length)
+        } else if r.a.tokens.len() >= self.model.config().max_position_embeddings {
+            Some(FinishReason::ContextFull)
+        } else {
+            None
+        };
+        let Some(reason) = finish else { return true };
+        let _ = r.a.out.send(Ok(finished_event(&r.a, reason, &self.name)));
+        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+        false
+    }
+
+    /// Puts the full blocks `r` completed since the last call where they
+    /// belong: the local cache for a colocated request, the store (when
+    /// writing back) for a handoff, so the next turn of a conversation
+    /// hits them.
+    fn publish_blocks(&mut self, r: &mut Running) {
+        let bt = self.block_tokens();
+        let full = r.seq.len() / bt;
+        if full <= r.published {
+            return;
+        }
+        if r.a.keys.len() < full {
+            r.a.keys = block_keys(self.salt, &r.a.tokens[..full * bt], bt);
+        }
+        let new = r.published..full;
+        r.published = full;
+        if let Origin::Colocated(_) = r.a.origin {
+            for b in new {
+                let key = r.a.keys[b];
+                if !self.local.contains(key) {
+                    if let Ok(bytes) = self.cache.page_bytes(r.seq.block_table()[b]) {
+                        self.local.insert(key, bytes);
+                    }
+                }
+            }
+            return;
+        }
+        let (Some(store), true) = (self.store.clone(), self.write_back) else { return };
+        let blocks: Vec<(BlockKey, Vec<u8>)> = new
+            .filter_map(|b| Some((r.a.keys[b], self.cache.page_bytes(r.seq.block_table()[b]).ok()?.to_vec())))
+            .collect();
         let stats = self.stats.clone();
         let counter = r.a.stats.written_back.clone();
         stats.writebacks_in_flight.fetch_add(1, Ordering::Relaxed);
         self.rt.spawn(async move {
-            match store.put(&[(key, &bytes)]).await {
-                Ok(o) if o.first() == Some(&PutOutcome::Stored) => {
-                    stats.written_back.fetch_add(1, Ordering::Relaxed);
-                    counter.fetch_add(1, Ordering::Relaxed);
+            let items: Vec<(BlockKey, &[u8])> = blocks.iter().map(|(k, b)| (*k, b.as_slice())).collect();
+            match store.put(&items).await {
+                Ok(outcomes) => {
+                    let stored = outcomes.iter().filter(|o| **o == PutOutcome::Stored).count() as u64;
+                    stats.written_back.fetch_add(stored, Ordering::Relaxed);
+                    counter.fetch_add(stored, Ordering::Relaxed);
                 }
-                Ok(_) => {}
                 Err(e) => tracing::debug!("write-back failed: {e}"),
             }
             stats.writebacks_in_flight.fetch_sub(1, Ordering::Relaxed);

@@ -12,10 +12,18 @@
 //! partial block is kept, and it re-joins after a fresh fetch (anything
 //! the store lost is recomputed).
 //!
+//! **Colocated mode** (`Generate`, the vLLM-style baseline): the node
+//! computes a request's prompt itself, in chunks that share the running
+//! batch's forward passes (chunked prefill), reusing the full blocks of
+//! earlier prompts from its own byte-bounded LRU ([`local_cache`]), samples
+//! the first token and decodes it like any other sequence. Colocated
+//! requests never touch the store.
+//!
 //! Before serving, the node times a few decode steps on its own model and
 //! KV layout ([`profile`]) for the conductor's cost model.
 
 pub mod engine;
+pub mod local_cache;
 pub mod profile;
 pub mod service;
 pub mod wire;
@@ -37,10 +45,12 @@ pub struct DecodeConfig {
     pub kv_memory: ByteSize,
     /// Most sequences decoding together.
     pub max_batch: usize,
-    /// Handoffs waiting for pages beyond this are refused.
+    /// Requests (handoffs or colocated) waiting for pages beyond this are
+    /// refused.
     pub max_waiting: usize,
-    /// Token budget of one forward pass when recomputing blocks the store
-    /// lost.
+    /// Token budget of one forward pass for prompt chunks (colocated
+    /// prompts, and blocks the store lost), on top of one token for every
+    /// decoding sequence.
     pub chunk_tokens: usize,
     /// Compute threads (0: all cores).
     pub threads: usize,
@@ -54,6 +64,9 @@ pub struct DecodeConfig {
     /// Time decode steps at start so the conductor can predict this node
     /// (off: `Profile` answers empty and the conductor uses its priors).
     pub profile: bool,
+    /// Colocated mode: this node's own prefix cache of full KV blocks
+    /// (LRU, bounded by bytes; 0: off).
+    pub local_cache: ByteSize,
 }
 
 impl Default for DecodeConfig {
@@ -69,6 +82,7 @@ impl Default for DecodeConfig {
             write_back: true,
             prefetch_duty: 0.2,
             profile: true,
+            local_cache: ByteSize::mib(256),
         }
     }
 }

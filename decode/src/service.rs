@@ -1,9 +1,14 @@
 //! The decode gRPC service (`tandem.worker.v1.Decode`): validates a
 //! handoff against this node's model and KV layout, streams the first
 //! token at once, reads the blocks from the store while the engine keeps
-//! decoding, then hands the sequence to the engine's continuous batch.
+//! decoding, then hands the sequence to the engine's continuous batch. A
+//! colocated `Generate` goes to the engine straight away: the engine
+//! computes its prompt.
 
-use crate::engine::{fetch, finished_event, Admission, DecodeEngine, EngineStats, Pacer, RequestStats};
+use crate::engine::{
+    fetch, finished_event, Admission, DecodeEngine, EngineStats, Origin, Pacer, PromptStats, RequestStats,
+};
+use crate::local_cache::LocalCache;
 use crate::{wire, DecodeConfig};
 use futures::Stream;
 use std::net::SocketAddr;
@@ -15,7 +20,7 @@ use tandem_model::engine::FinishReason;
 use tandem_model::forward::Model;
 use tandem_model::kv_cache::KvDType;
 use tandem_model::sampling::Sampler;
-use tandem_proto::handoff::{validate_handoff, MAX_MESSAGE_BYTES};
+use tandem_proto::handoff::{validate_handoff, validate_request, MAX_MESSAGE_BYTES};
 use tandem_proto::worker::decode_server::{Decode, DecodeServer};
 use tandem_proto::worker::generate_event::Event;
 use tandem_proto::worker::{self as pb};
@@ -28,7 +33,8 @@ struct Inner {
     name: String,
     layout: wire::Layout,
     max_waiting: usize,
-    /// Accepted handoffs still fetching their blocks.
+    /// Accepted requests not yet with the engine (handoffs fetching their
+    /// blocks).
     pending: Arc<std::sync::atomic::AtomicU64>,
     admissions: crossbeam_channel::Sender<Admission>,
     store: Option<Arc<StoreClient>>,
@@ -106,6 +112,7 @@ pub async fn serve(
         resubmit: tx.clone(),
         draining: draining.clone(),
         pacer: pacer.clone(),
+        local: LocalCache::new(cfg.local_cache.as_u64()),
     };
     // The engine thread profiles the node before it takes handoffs;
     // serving starts once the profile is in.
@@ -235,6 +242,8 @@ impl Decode for DecodeService {
             keys: keys.into_iter().collect::<Vec<BlockKey>>(),
             fetched: Vec::new(),
             partial: h.partial_block,
+            partial_tokens: h.partial_tokens as usize,
+            origin: Origin::Handoff,
             out,
             stats: RequestStats::default(),
         };
@@ -262,6 +271,55 @@ impl Decode for DecodeService {
         Ok(Response::new(Box::pin(UnboundedReceiverStream::new(events))))
     }
 
+    type GenerateStream = EventStream;
+
+    async fn generate(&self, req: Request<pb::GenerateRequest>) -> Result<Response<EventStream>, Status> {
+        let r = req.into_inner();
+        let i = &self.inner;
+        validate_request(&r).map_err(Status::invalid_argument)?;
+        wire::check_against_model(&r, i.layout.vocab, i.layout.context).map_err(Status::invalid_argument)?;
+        let pages = r.prompt.len().div_ceil(i.layout.block_tokens);
+        if pages > i.layout.num_pages {
+            return Err(Status::resource_exhausted(format!(
+                "the prompt needs {pages} KV pages; decode node {} has {}",
+                i.name, i.layout.num_pages
+            )));
+        }
+        let sampling =
+            r.sampling.as_ref().ok_or_else(|| Status::invalid_argument("the request has no sampling parameters"))?;
+        let sampler = Sampler::resume(wire::sampling_params(sampling), r.sampler_step)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let waiting = i.stats.waiting.load(Ordering::Relaxed);
+        let Some(pending) = wire::Pending::take(&i.pending, waiting, i.max_waiting) else {
+            return Err(Status::resource_exhausted(format!(
+                "decode node {} has {} requests waiting",
+                i.name, i.max_waiting
+            )));
+        };
+        let (out, events) = mpsc::unbounded_channel();
+        let a = Admission {
+            id: r.request_id,
+            keys: block_keys(i.layout.salt, &r.prompt, i.layout.block_tokens),
+            prompt_len: r.prompt.len(),
+            tokens: r.prompt,
+            max_tokens: r.max_tokens as usize,
+            stop_ids: r.stop_ids,
+            sampler,
+            fetched: Vec::new(),
+            partial: Vec::new(),
+            partial_tokens: 0,
+            origin: Origin::Colocated(PromptStats::new()),
+            out,
+            stats: RequestStats::default(),
+        };
+        let sent = i.admissions.send(a);
+        drop(pending);
+        if sent.is_err() {
+            return Err(Status::unavailable(format!("decode node {}: the engine has stopped", i.name)));
+        }
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(events))))
+    }
+
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::DecodeStatus>, Status> {
         let i = &self.inner;
         let s = &i.stats;
@@ -282,6 +340,8 @@ impl Decode for DecodeService {
             model_fingerprint: i.layout.fingerprint.clone(),
             block_tokens: i.layout.block_tokens as u32,
             context_tokens: get(&s.context_tokens),
+            local_cache_hits: get(&s.local_cache_hits),
+            local_cache_blocks: get(&s.local_cache_blocks),
         }))
     }
 

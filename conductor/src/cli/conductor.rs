@@ -63,12 +63,21 @@ pub async fn start(cfg: &ClusterConfig, no_store: bool) -> anyhow::Result<Arc<cr
         cfg.model.block_tokens as u32,
     )?;
     let store = super::worker::store_client(cfg, no_store).await?;
-    let conductor = crate::service::Conductor::new(cfg.conductor.clone(), info, &cfg.workers(), store)?;
+    // With discovery, the workers are the ones registered in etcd (the file
+    // still holds each node's own settings); otherwise the file's.
+    let workers = if cfg.discovery.enabled() { crate::service::Workers::default() } else { cfg.workers() };
+    let conductor = crate::service::Conductor::new(cfg.conductor.clone(), info, &workers, store)?;
     conductor.spawn_pollers();
     if cfg.discovery.enabled() {
         let (members, mut events) = crate::discovery::watch(&cfg.discovery).await.context("watching etcd")?;
+        // A decode node's batch limit comes from the file when it is there.
+        let max_batch = {
+            let decode = cfg.decode.clone();
+            move |name: &str| decode.iter().find(|d| d.name == name).map_or(64, |d| d.max_batch as u32)
+        };
+        eprintln!("etcd: {} members registered", members.len());
         for m in members {
-            conductor.add_worker(&m.name, &m.role, m.addr)?;
+            conductor.add_worker(&m.name, &m.role, m.addr, max_batch(&m.name))?;
         }
         let c = conductor.clone();
         tokio::spawn(async move {
@@ -76,7 +85,7 @@ pub async fn start(cfg: &ClusterConfig, no_store: bool) -> anyhow::Result<Arc<cr
                 match ev {
                     crate::discovery::MembershipEvent::Joined(m) => {
                         tracing::info!(node = %m.name, role = %m.role, addr = %m.addr, "member joined");
-                        if let Err(e) = c.add_worker(&m.name, &m.role, m.addr) {
+                        if let Err(e) = c.add_worker(&m.name, &m.role, m.addr, max_batch(&m.name)) {
                             tracing::warn!("member {}: {e:#}", m.name);
                         }
                     }

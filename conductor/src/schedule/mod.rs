@@ -179,15 +179,49 @@ impl Scheduler {
 
         // Decode load when this prefill is predicted to end.
         let at = now_ms + ttft.ceil() as u64;
+        match self.pick_decode(now_ms, at, req, decode) {
+            Err(v) => v,
+            Ok((_, step)) if enforce_slo && self.policy == PolicyKind::KvCentric && step > self.slo.tbt_ms => {
+                reject(&format!("predicted TBT {step:.1} ms exceeds the SLO of {:.1} ms", self.slo.tbt_ms), 1000)
+            }
+            Ok((d, step)) => {
+                Verdict::Accept(Placement { prefill: p, decode: d, predicted_ttft_ms: ttft, predicted_tbt_ms: step })
+            }
+        }
+    }
+
+    /// Colocated mode (every worker prefills and decodes, vLLM-style): the
+    /// policy's choice among the decode nodes for a request that joins now.
+    /// No SLO rejection (the baseline has none); refused only when no node
+    /// has room. `Placement::prefill` is the chosen node too.
+    pub fn schedule_colocated(&mut self, now_ms: u64, req: &RequestInfo, decode: &[DecodeView]) -> Verdict {
+        match self.pick_decode(now_ms, now_ms, req, decode) {
+            Err(v) => v,
+            Ok((d, step)) => {
+                Verdict::Accept(Placement { prefill: d, decode: d, predicted_ttft_ms: 0.0, predicted_tbt_ms: step })
+            }
+        }
+    }
+
+    /// The decode node for a request joining at `at_ms`, with its predicted
+    /// step time: lowest predicted TBT (kv-centric), or the simple
+    /// policies' choice, among nodes with a batch slot and KV room.
+    fn pick_decode(
+        &mut self,
+        now_ms: u64,
+        at_ms: u64,
+        req: &RequestInfo,
+        decode: &[DecodeView],
+    ) -> Result<(usize, f64), Verdict> {
         let loads: Vec<Option<(u32, u64)>> =
-            decode.iter().map(|d| d.accepting.then(|| predicted_load(d, now_ms, at))).collect();
+            decode.iter().map(|d| d.accepting.then(|| predicted_load(d, now_ms, at_ms))).collect();
         let need = req.prompt_tokens as u64 + 1;
         let fits = |i: usize| {
             loads[i].is_some_and(|(b, c)| b < decode[i].max_batch && c + need <= decode[i].kv_capacity_tokens)
         };
         let room: Vec<usize> = (0..decode.len()).filter(|&i| fits(i)).collect();
         if room.is_empty() {
-            return reject("no decode node has room for the request", 1000);
+            return Err(reject("no decode node has room for the request", 1000));
         }
         let tbt = |i: usize| {
             let (b, c) = loads[i].expect("has room");
@@ -204,11 +238,7 @@ impl Scheduler {
                 *room.iter().min_by_key(|&&i| loads[i].expect("has room")).expect("non-empty")
             }
         };
-        let step = tbt(d);
-        if enforce_slo && self.policy == PolicyKind::KvCentric && step > self.slo.tbt_ms {
-            return reject(&format!("predicted TBT {step:.1} ms exceeds the SLO of {:.1} ms", self.slo.tbt_ms), 1000);
-        }
-        Verdict::Accept(Placement { prefill: p, decode: d, predicted_ttft_ms: ttft, predicted_tbt_ms: step })
+        Ok((d, tbt(d)))
     }
 
     /// xorshift64: deterministic for a seed, so runs replay.

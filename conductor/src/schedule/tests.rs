@@ -158,3 +158,22 @@ fn simple_policies_spread_work_deterministically() {
     let picks = run(7);
     assert!((0..3).all(|i| picks.contains(&i)), "random uses every node: {picks:?}");
 }
+
+#[test]
+fn colocated_placement_and_retries_skip_the_slo_checks() {
+    let mut s = Scheduler::new(PolicyKind::KvCentric, SLO, 1);
+    // Colocated: the emptier node, and nothing rejected for SLOs even when
+    // every node is crowded.
+    let decode = [decode_node("busy", running(30, 2000, 100)), decode_node("idle", vec![])];
+    let p = placed(s.schedule_colocated(0, &request(64, vec![]), &decode));
+    assert_eq!((p.prefill, p.decode), (1, 1), "the worker prefills and decodes it");
+    let crowded = [decode_node("d", running(60, 1000, 10_000))];
+    assert!(matches!(s.schedule_colocated(0, &request(64, vec![]), &crowded), Verdict::Accept(_)));
+    // Full: refused.
+    let full = [DecodeView { max_batch: 60, ..decode_node("d", running(60, 100, 10_000)) }];
+    assert!(matches!(s.schedule_colocated(0, &request(64, vec![]), &full), Verdict::Reject { .. }));
+    // A retry (`place`) of an accepted request is never refused for an SLO.
+    let req = request(1024, vec![0]);
+    assert!(matches!(s.schedule(0, &req, &[prefill_node("p", 1900.0)], &crowded), Verdict::Reject { .. }));
+    assert!(matches!(s.place(0, &req, &[prefill_node("p", 1900.0)], &crowded), Verdict::Accept(_)));
+}
