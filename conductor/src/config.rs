@@ -156,11 +156,11 @@ mod tests {
         let c: ConductorConfig = toml::from_str("policy = \"round-robin\"\n[slo]\nttft_ms = 500\n").unwrap();
         assert_eq!(c.policy, PolicyKind::RoundRobin);
         assert_eq!(c.mode, Mode::Disaggregated);
+        assert_eq!(c.slo.ttft_ms, 500.0);
+        assert_eq!(c.slo.tbt_ms, SloConfig::default().tbt_ms);
         let c: ConductorConfig = toml::from_str("mode = \"colocated\"").unwrap();
         assert_eq!(c.mode, Mode::Colocated);
         assert!(toml::from_str::<ConductorConfig>("mode = \"mixed\"").is_err());
-        assert_eq!(c.slo.ttft_ms, 500.0);
-        assert_eq!(c.slo.tbt_ms, SloConfig::default().tbt_ms);
         assert!(toml::from_str::<ConductorConfig>("policy = \"fastest\"").is_err());
         assert!(toml::from_str::<ConductorConfig>("[slo]\nttfb_ms = 1").is_err());
         let bad = |f: fn(&mut ConductorConfig)| {

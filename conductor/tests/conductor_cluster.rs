@@ -222,10 +222,12 @@ fn a_burst_is_rejected_early_and_accepted_requests_meet_the_ttft_slo() {
     assert!(rejected > 0, "no request was rejected");
     assert!(!ttfts.is_empty(), "every request was rejected");
     let late = ttfts.iter().filter(|&&t| t > slo_ms).count();
-    // The predictions are from a profile on a shared 2-core machine: allow
-    // one straggler in ten, none far over.
-    assert!(late * 10 <= ttfts.len(), "{late} accepted requests missed the {slo_ms} ms TTFT SLO");
-    assert!(ttfts.iter().all(|&t| t < 1.5 * slo_ms), "an accepted request took far longer than the SLO");
+    // The predictions come from a profile taken on this shared 2-core
+    // machine, where the burst's own 40 connections (and the conductor
+    // refusing 35 of them) take CPU from the prefill node: allow one
+    // straggler (or one in ten), and none far over.
+    assert!(late <= (ttfts.len() / 10).max(1), "{late} accepted requests missed the {slo_ms} ms TTFT SLO");
+    assert!(ttfts.iter().all(|&t| t < 1.25 * slo_ms), "an accepted request took far longer than the SLO");
     let r = post(a, "/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}));
     assert_eq!(r.status, 200, "the burst is over: requests are accepted again");
     assert!(up.metric("tandem_requests_total{outcome=\"rejected\"}").unwrap() >= rejected as f64);
@@ -277,6 +279,10 @@ fn a_decode_node_killed_mid_stream_loses_no_request() {
         assert!(t.elapsed() < Duration::from_secs(5), "decode-1 still shows as up");
         std::thread::sleep(Duration::from_millis(100));
     }
+    // The operator sees it.
+    let nodes = ctl(&up.config, &["nodes"]);
+    let row = nodes.lines().find(|l| l.contains("decode-1")).unwrap_or_else(|| panic!("{nodes}"));
+    assert!(row.contains("down"), "tandem ctl nodes should show decode-1 down:\n{nodes}");
     // New work goes to the survivor.
     let r = post(
         a,
@@ -338,36 +344,36 @@ fn the_two_host_example_serves_correctly_and_drain_moves_new_work_away() {
     let want: Vec<String> = reference(&prompts, 64).iter().map(|ids| tok.decode(ids, true).unwrap()).collect();
     let body =
         |p: &Vec<u32>| json!({"prompt": p, "max_tokens": 64, "temperature": 0, "ignore_eos": true, "stream": true});
-    // Least-loaded puts two requests at once on different decode nodes
-    // (kv-centric may put both on the faster one).
     ctl(&cfg, &["policy", "set", "least-loaded"]);
     assert!(ctl(&cfg, &["policy", "show"]).contains("least-loaded"));
-    let streams: Vec<Sse> = prompts.iter().map(|p| Sse::open(a, "/v1/completions", &body(p))).collect();
+    // One streaming request; find the decode node it is on.
+    let stream = Sse::open(a, "/v1/completions", &body(&prompts[0]));
     let t = Instant::now();
     let tokens_on = |node: &str| up.metric(&format!("tandem_generated_tokens_total{{node=\"{node}\"}}")).unwrap_or(0.0);
-    while tokens_on("decode-a") < 1.0 || tokens_on("decode-b") < 1.0 {
-        assert!(t.elapsed() < Duration::from_secs(60), "both decode nodes should be generating");
+    let busy = loop {
+        if let Some(n) = ["decode-a", "decode-b"].into_iter().find(|n| tokens_on(n) >= 1.0) {
+            break n;
+        }
+        assert!(t.elapsed() < Duration::from_secs(60), "no decode node is generating");
         std::thread::sleep(Duration::from_millis(20));
-    }
-    // Drain decode-a while its request is in flight: it finishes there.
-    ctl(&cfg, &["drain", "decode-a"]);
+    };
+    // Drain it while the request is in flight: the request finishes there.
+    ctl(&cfg, &["drain", busy]);
     let nodes = ctl(&cfg, &["nodes", "--json"]);
     let v: Value = serde_json::from_str(&nodes).unwrap();
-    let list = v.get("nodes").and_then(Value::as_array).or(v.as_array()).cloned().unwrap_or_default();
-    let a_node = list.iter().find(|n| n["name"] == "decode-a").unwrap_or_else(|| panic!("{nodes}"));
-    assert_eq!(a_node["draining"], true, "{nodes}");
-    for (i, s) in streams.into_iter().enumerate() {
-        assert_eq!(stream_text(s).unwrap(), (want[i].clone(), "length".to_string()), "request {i}");
-    }
-    // New work goes to decode-b only.
-    let before = tokens_on("decode-a");
-    for p in &prompts {
+    let list = v["nodes"].as_array().cloned().unwrap_or_default();
+    let node = list.iter().find(|n| n["name"] == busy).unwrap_or_else(|| panic!("{nodes}"));
+    assert_eq!(node["draining"], true, "{nodes}");
+    assert_eq!(stream_text(stream).unwrap(), (want[0].clone(), "length".to_string()));
+    // New work goes to the other decode node only.
+    let before = tokens_on(busy);
+    for (i, p) in prompts.iter().enumerate() {
         let r =
             post(a, "/v1/completions", &json!({"prompt": p, "max_tokens": 64, "temperature": 0, "ignore_eos": true}));
-        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.json()["choices"][0]["text"], want[i], "{}", r.body);
     }
-    assert_eq!(tokens_on("decode-a"), before, "a drained node got new work");
-    ctl(&cfg, &["undrain", "decode-a"]);
+    assert_eq!(tokens_on(busy), before, "a drained node got new work");
+    ctl(&cfg, &["undrain", busy]);
     let out = ctl(&cfg, &["nodes"]);
     assert!(out.contains("decode-a") && out.contains("prefill-b"), "{out}");
 }
@@ -406,4 +412,43 @@ fn colocated_mode_serves_from_decode_nodes_alone_with_their_local_prefix_caches(
         assert_eq!(r.json()["choices"][0]["text"], want[i]);
     }
     assert!(up.metric("tandem_cached_prompt_tokens_total").unwrap_or(0.0) > 0.0, "no local prefix cache hit");
+}
+
+#[test]
+fn a_prefill_node_killed_mid_prefill_loses_no_request() {
+    let _serial = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = cluster_file(dir.path(), 2, 1, "policy = \"round-robin\"");
+    let up = Up::start(&cfg, &dir.path().join("logs"));
+    let a = up.http;
+    let tok = tokenizer();
+    // Long prompts: their prefills are still running when the node dies.
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| {
+            let text =
+                format!("Report {i}. ") + &"The committee met again to discuss the budget and the roads. ".repeat(25);
+            tok.encode(&text, true).unwrap()
+        })
+        .collect();
+    let want: Vec<String> = reference(&prompts, 16).iter().map(|ids| tok.decode(ids, true).unwrap()).collect();
+    let handles: Vec<_> = prompts
+        .iter()
+        .map(|p| {
+            let body = json!({"prompt": p, "max_tokens": 16, "temperature": 0, "ignore_eos": true, "stream": true});
+            std::thread::spawn(move || stream_text(Sse::open(a, "/v1/completions", &body)))
+        })
+        .collect();
+    // Round-robin has given prefill-1 work; kill it before any answer.
+    let t = Instant::now();
+    while up.metric("tandem_in_flight_requests").unwrap_or(0.0) < 4.0 {
+        assert!(t.elapsed() < Duration::from_secs(30), "the requests were not admitted");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(up.metric("tandem_generated_tokens_total{node=\"decode-0\"}"), None, "too late: tokens already flow");
+    // SAFETY: kill(2) on a process this test's cluster started.
+    unsafe { libc::kill(up.node_pid("prefill-1") as i32, libc::SIGKILL) };
+    for (i, h) in handles.into_iter().enumerate() {
+        assert_eq!(h.join().unwrap(), Ok((want[i].clone(), "length".to_string())), "request {i}");
+    }
+    assert!(up.metric("tandem_retries_total").unwrap() >= 1.0, "no request was retried");
 }
