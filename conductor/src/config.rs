@@ -67,11 +67,14 @@ pub struct SloConfig {
     pub ttft_ms: f64,
     /// Time between tokens.
     pub tbt_ms: f64,
+    /// Share of each SLO kept free for prediction error (admission needs
+    /// predictions within `(1 - headroom)` of the SLO).
+    pub headroom: f64,
 }
 
 impl Default for SloConfig {
     fn default() -> Self {
-        SloConfig { ttft_ms: 10_000.0, tbt_ms: 1_000.0 }
+        SloConfig { ttft_ms: 10_000.0, tbt_ms: 1_000.0, headroom: 0.1 }
     }
 }
 
@@ -116,6 +119,9 @@ impl ConductorConfig {
         }
         if !(c.slo.ttft_ms.is_finite() && c.slo.ttft_ms > 0.0 && c.slo.tbt_ms.is_finite() && c.slo.tbt_ms > 0.0) {
             return Err("conductor.slo.ttft_ms and tbt_ms must be positive".into());
+        }
+        if !(0.0..=0.9).contains(&c.slo.headroom) {
+            return Err("conductor.slo.headroom must be between 0 and 0.9".into());
         }
         if c.max_body.as_u64() < 1024 || c.max_body.as_u64() > 256 << 20 {
             return Err("conductor.max_body must be between 1KiB and 256MiB".into());

@@ -156,7 +156,8 @@ impl Conductor {
         for (name, addr, max_batch) in &workers.decode {
             decode.push(DecodeNode::new(name, *addr, *max_batch).map_err(anyhow::Error::msg)?);
         }
-        let scheduler = Scheduler::new(cfg.policy, cfg.slo.into(), cfg.seed);
+        let mut scheduler = Scheduler::new(cfg.policy, cfg.slo.into(), cfg.seed);
+        scheduler.headroom = cfg.slo.headroom;
         Ok(Arc::new(Conductor {
             cfg,
             model,

@@ -109,6 +109,10 @@ pub enum Verdict {
 pub struct Scheduler {
     pub policy: PolicyKind,
     pub slo: Slo,
+    /// Share of each SLO kept free for prediction error: a request is
+    /// admitted only if its predictions are within `(1 - headroom)` of the
+    /// SLOs (0 = trust the predictions exactly).
+    pub headroom: f64,
     next_prefill: usize,
     next_decode: usize,
     rng: u64,
@@ -116,7 +120,7 @@ pub struct Scheduler {
 
 impl Scheduler {
     pub fn new(policy: PolicyKind, slo: Slo, seed: u64) -> Scheduler {
-        Scheduler { policy, slo, next_prefill: 0, next_decode: 0, rng: seed | 1 }
+        Scheduler { policy, slo, headroom: 0.0, next_prefill: 0, next_decode: 0, rng: seed | 1 }
     }
 
     /// Places one request arriving at `now_ms`.
@@ -170,7 +174,8 @@ impl Scheduler {
                 .expect("non-empty"),
         };
         let ttft = ttfts[p];
-        if enforce_slo && self.policy == PolicyKind::KvCentric && ttft > self.slo.ttft_ms {
+        let keep = 1.0 - self.headroom.clamp(0.0, 0.9);
+        if enforce_slo && self.policy == PolicyKind::KvCentric && ttft > self.slo.ttft_ms * keep {
             return reject(
                 &format!("predicted TTFT {ttft:.0} ms exceeds the SLO of {:.0} ms", self.slo.ttft_ms),
                 (ttft - self.slo.ttft_ms).ceil() as u64,
@@ -181,7 +186,7 @@ impl Scheduler {
         let at = now_ms + ttft.ceil() as u64;
         match self.pick_decode(now_ms, at, req, decode) {
             Err(v) => v,
-            Ok((_, step)) if enforce_slo && self.policy == PolicyKind::KvCentric && step > self.slo.tbt_ms => {
+            Ok((_, step)) if enforce_slo && self.policy == PolicyKind::KvCentric && step > self.slo.tbt_ms * keep => {
                 reject(&format!("predicted TBT {step:.1} ms exceeds the SLO of {:.1} ms", self.slo.tbt_ms), 1000)
             }
             Ok((d, step)) => {

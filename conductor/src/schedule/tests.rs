@@ -177,3 +177,16 @@ fn colocated_placement_and_retries_skip_the_slo_checks() {
     assert!(matches!(s.schedule(0, &req, &[prefill_node("p", 1900.0)], &crowded), Verdict::Reject { .. }));
     assert!(matches!(s.place(0, &req, &[prefill_node("p", 1900.0)], &crowded), Verdict::Accept(_)));
 }
+
+#[test]
+fn headroom_keeps_a_share_of_the_slo_for_prediction_error() {
+    let mut s = Scheduler::new(PolicyKind::KvCentric, SLO, 1);
+    let decode = [decode_node("d", vec![])];
+    // ~1880 ms predicted: within the 2000 ms SLO, not within 90% of it.
+    let req = request(256, vec![0]);
+    let p = [prefill_node("p", 1750.0)];
+    assert!(matches!(s.schedule(0, &req, &p, &decode), Verdict::Accept(_)));
+    s.headroom = 0.1;
+    assert!(matches!(s.schedule(0, &req, &p, &decode), Verdict::Reject { .. }));
+    assert!(matches!(s.place(0, &req, &p, &decode), Verdict::Accept(_)), "retries ignore it");
+}
