@@ -46,10 +46,12 @@ ask() {
     local body
     body=$(python3 -c 'import json,sys; print(json.dumps({"model": "smollm2", "stream": True, "temperature": 0,
         "max_tokens": 128, "messages": [{"role": "user", "content": sys.argv[1]}]}))' "$question")
+    local start
+    start=$(date +%s.%N)
     curl -sN "http://127.0.0.1:$port/v1/chat/completions" -H 'Content-Type: application/json' -d "$body" |
         python3 -c '
 import json, sys, time
-start = time.time(); first = None
+start = float(sys.argv[1]); first = None
 for line in sys.stdin:
     line = line.strip()
     if not line.startswith("data: ") or line == "data: [DONE]":
@@ -61,7 +63,7 @@ for line in sys.stdin:
     if text and first is None:
         first = time.time() - start
     print(text, end="", flush=True)
-print(f"\n(time to first token {first or 0:.3f} s, total {time.time() - start:.3f} s)", file=sys.stderr)'
+print(f"\n(time to first token {first or 0:.3f} s, total {time.time() - start:.3f} s)", file=sys.stderr)' "$start"
 }
 
 echo "> $question" >&2
