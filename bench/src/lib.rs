@@ -7,6 +7,8 @@
 //!   eviction policies on the Mooncake trace (`tandem bench kvstore`).
 //! - [`serving`] — prefill and decode nodes with the store: layer-wise
 //!   write overlap and decode TBT under prefetch (`tandem bench serving`).
+//! - [`workload`] — trace requests made concrete: prompts synthesised from
+//!   block hash ids (shared ids, shared tokens), scaled lengths and times.
 //!
 //! Binaries: `bench-attention` (paged decode attention vs memory
 //! bandwidth, paged vs contiguous). The engine benchmark against llama.cpp
@@ -16,3 +18,4 @@ pub mod baseline;
 pub mod kvstore;
 pub mod serving;
 pub mod stats;
+pub mod workload;
