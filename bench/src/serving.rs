@@ -133,7 +133,7 @@ pub fn run(cfg: &ServingBenchConfig) -> anyhow::Result<Report> {
     let (busy, other, note) = sys::other_cpu("serving", out.secs, busy_before, out.bench_cpu_secs);
     (out.machine_busy_cpu_secs, out.other_cpu_secs) = (busy, other);
     out.notes.extend(note);
-    Ok(Report::build(cfg, &settings, out))
+    Ok(report::build(cfg, &settings, out))
 }
 
 /// Starts the store, runs the stages with the nodes each needs, and shuts
@@ -224,7 +224,7 @@ mod tests {
         assert_eq!(round.fetched_blocks, round.waves as u64 * 2 * 6);
         assert!(round.quiet.steps >= 5);
 
-        let report = Report::build(&cfg, &settings, out);
+        let report = report::build(&cfg, &settings, out);
         let ratios = &report.json["ratios"];
         for key in ["prefill_with_layerwise_writes_vs_compute_only", "decode_step_prefetch_vs_quiet"] {
             assert!(ratios[key].as_f64().is_some_and(|r| r > 0.0), "{key}: {}", ratios[key]);

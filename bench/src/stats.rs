@@ -82,3 +82,23 @@ mod tests {
         assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
     }
 }
+
+/// A finished bench: print [`Report::table`], save with [`Report::write`].
+#[derive(Debug)]
+pub struct Report {
+    pub json: serde_json::Value,
+    pub table: String,
+    /// Stages that failed (their errors are in the JSON and the table).
+    pub failed_stages: Vec<String>,
+    pub targets_met: usize,
+    pub targets_total: usize,
+    /// The file under `bench/results/` it is written to by default.
+    pub file_name: &'static str,
+}
+
+impl Report {
+    /// Writes the JSON to `path`, or to `bench/results/<file_name>`.
+    pub fn write(&self, path: Option<&Path>) -> anyhow::Result<PathBuf> {
+        write_result_to(path, self.file_name, &self.json)
+    }
+}

@@ -251,7 +251,7 @@ impl DecodeEngine {
                 // Pages for everything it computes before it samples.
                 let need = self.cache.pages_for(front.tokens.len());
                 if need > self.cache.num_pages() {
-                    let a = waiting.pop_front().expect("front exists");
+                    let Some(a) = waiting.pop_front() else { break };
                     let msg = format!("the sequence needs {need} KV pages; this node has {}", self.cache.num_pages());
                     let _ = a.out.send(Err(Status::resource_exhausted(msg)));
                     continue;
@@ -259,7 +259,7 @@ impl DecodeEngine {
                 if need > self.cache.free_pages() {
                     break;
                 }
-                let a = waiting.pop_front().expect("front exists");
+                let Some(a) = waiting.pop_front() else { break };
                 running.extend(self.admit(a));
             }
             self.publish(&waiting, &running);
@@ -423,7 +423,7 @@ impl DecodeEngine {
             if need <= self.cache.free_pages() {
                 break plan;
             }
-            let victim = running.pop().expect("a running sequence needs a page");
+            let Some(victim) = running.pop() else { break plan };
             if running.is_empty() {
                 let msg = "the KV pool is exhausted by a single sequence";
                 let _ = victim.a.out.send(Err(Status::resource_exhausted(msg)));
@@ -464,7 +464,9 @@ impl DecodeEngine {
         let mut logits = logits.into_iter();
         let mut done = Vec::new();
         for (i, (r, &take)) in running.iter_mut().zip(&plan).enumerate().filter(|(_, (_, take))| **take > 0) {
-            let logits = logits.next().expect("one logits row per step");
+            // The forward pass returns one row per sequence that took
+            // tokens; a short result leaves the rest for the next step.
+            let Some(logits) = logits.next() else { break };
             self.count_computed(r, take);
             self.publish_blocks(r);
             if r.seq.len() == r.a.tokens.len() && !self.next_token(r, &logits) {

@@ -85,9 +85,10 @@ impl LocalCache {
             return;
         }
         while self.held_bytes + size > self.capacity_bytes {
-            let (_, oldest) = self.by_use.pop_first().expect("bytes are held, so some block is");
-            let e = self.entries.remove(&oldest).expect("the use order names held blocks");
-            self.held_bytes -= e.bytes.len() as u64;
+            let Some((_, oldest)) = self.by_use.pop_first() else { break };
+            if let Some(e) = self.entries.remove(&oldest) {
+                self.held_bytes -= e.bytes.len() as u64;
+            }
         }
         self.tick += 1;
         self.by_use.insert(self.tick, key);

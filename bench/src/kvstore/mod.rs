@@ -199,7 +199,7 @@ pub fn run(cfg: &KvBenchConfig) -> anyhow::Result<Report> {
     (out.machine_busy_cpu_secs, out.other_cpu_secs) = (busy, other);
     out.notes.extend(note);
     drop(runtime);
-    Ok(Report::build(cfg, &settings, out))
+    Ok(report::build(cfg, &settings, out))
 }
 
 fn describe(stage: Stage) -> &'static str {
@@ -257,7 +257,7 @@ mod tests {
         out.versus = Some(v);
         out.eviction = Some(tokio::task::spawn_blocking(|| eviction::run(&default_trace())).await.unwrap().unwrap());
 
-        let report = Report::build(&cfg, &settings, out);
+        let report = report::build(&cfg, &settings, out);
         let ratios = &report.json["ratios"];
         for key in ["shm_read_vs_memcpy_64k", "shm_write_vs_memcpy_1m", "tcp_read_vs_raw_tcp_1m"] {
             assert!(ratios[key].as_f64().is_some_and(|r| r > 0.0), "{key}: {}", ratios[key]);

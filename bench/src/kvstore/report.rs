@@ -3,7 +3,6 @@
 //! a printed table and as JSON.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 use tandem_kvstore::policy::PolicyKind;
@@ -41,57 +40,43 @@ impl Item {
     }
 }
 
-/// A finished bench: print [`Report::table`], save with [`Report::write`].
-#[derive(Debug)]
-pub struct Report {
-    pub json: Value,
-    pub table: String,
-    /// Stages that failed (their errors are in the JSON and the table).
-    pub failed_stages: Vec<String>,
-    pub targets_met: usize,
-    pub targets_total: usize,
-}
+pub use crate::stats::Report;
 
-impl Report {
-    /// Writes the JSON to `path`, or to `bench/results/kvstore.json`.
-    pub fn write(&self, path: Option<&Path>) -> anyhow::Result<PathBuf> {
-        stats::write_result_to(path, "kvstore.json", &self.json)
+/// The report of a finished run.
+pub(crate) fn build(cfg: &KvBenchConfig, settings: &Settings, out: Outcome) -> Report {
+    let mut items = Vec::new();
+    if let Some(points) = &out.shm {
+        shm_items(points, &mut items);
     }
+    if let Some(tcp) = &out.tcp {
+        tcp_items(tcp, settings, &mut items);
+    }
+    if let Some(v) = &out.versus {
+        versus_items(v, settings, &mut items);
+    }
+    let checks = out.eviction.as_ref().map(|e| {
+        vec![
+            ("lru_reproduces_readme", e.lru_reproduces_readme),
+            ("belady_reproduces_readme", e.belady_reproduces_readme),
+            ("ideal_reproduces_readme", e.ideal_reproduces_readme),
+        ]
+    });
+    let targeted: Vec<&Item> = items.iter().filter(|i| i.target.is_some()).collect();
+    let targets_met = targeted.iter().filter(|i| i.met() == Some(true)).count()
+        + checks.iter().flatten().filter(|(_, ok)| *ok).count();
+    let targets_total = targeted.len() + checks.as_ref().map_or(0, Vec::len);
 
-    pub(crate) fn build(cfg: &KvBenchConfig, settings: &Settings, out: Outcome) -> Report {
-        let mut items = Vec::new();
-        if let Some(points) = &out.shm {
-            shm_items(points, &mut items);
-        }
-        if let Some(tcp) = &out.tcp {
-            tcp_items(tcp, settings, &mut items);
-        }
-        if let Some(v) = &out.versus {
-            versus_items(v, settings, &mut items);
-        }
-        let checks = out.eviction.as_ref().map(|e| {
-            vec![
-                ("lru_reproduces_readme", e.lru_reproduces_readme),
-                ("belady_reproduces_readme", e.belady_reproduces_readme),
-                ("ideal_reproduces_readme", e.ideal_reproduces_readme),
-            ]
-        });
-        let targeted: Vec<&Item> = items.iter().filter(|i| i.target.is_some()).collect();
-        let targets_met = targeted.iter().filter(|i| i.met() == Some(true)).count()
-            + checks.iter().flatten().filter(|(_, ok)| *ok).count();
-        let targets_total = targeted.len() + checks.as_ref().map_or(0, Vec::len);
-
-        let mut notes = out.notes.clone();
-        notes.extend(standard_notes(&out));
-        let table = render(cfg, &out, &items, checks.as_deref(), targets_met, targets_total);
-        let json = to_json(cfg, settings, &out, &items, checks.as_deref(), (targets_met, targets_total), notes);
-        Report {
-            json,
-            table,
-            failed_stages: out.errors.iter().map(|(s, _)| s.to_string()).collect(),
-            targets_met,
-            targets_total,
-        }
+    let mut notes = out.notes.clone();
+    notes.extend(standard_notes(&out));
+    let table = render(cfg, &out, &items, checks.as_deref(), targets_met, targets_total);
+    let json = to_json(cfg, settings, &out, &items, checks.as_deref(), (targets_met, targets_total), notes);
+    Report {
+        json,
+        table,
+        failed_stages: out.errors.iter().map(|(s, _)| s.to_string()).collect(),
+        targets_met,
+        targets_total,
+        file_name: "kvstore.json",
     }
 }
 

@@ -4,7 +4,6 @@
 //! and as JSON.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 
 use serde_json::{json, Map, Value};
 
@@ -36,48 +35,34 @@ impl Item {
     }
 }
 
-/// A finished bench: print [`Report::table`], save with [`Report::write`].
-#[derive(Debug)]
-pub struct Report {
-    pub json: Value,
-    pub table: String,
-    /// Stages that failed (their errors are in the JSON and the table).
-    pub failed_stages: Vec<String>,
-    pub targets_met: usize,
-    pub targets_total: usize,
-}
+pub use crate::stats::Report;
 
-impl Report {
-    /// Writes the JSON to `path`, or to `bench/results/serving.json`.
-    pub fn write(&self, path: Option<&Path>) -> anyhow::Result<PathBuf> {
-        stats::write_result_to(path, "serving.json", &self.json)
+/// The report of a finished run.
+pub(crate) fn build(cfg: &ServingBenchConfig, settings: &Settings, out: Outcome) -> Report {
+    let mut items = Vec::new();
+    if let Some(o) = &out.overlap {
+        items.push(overlap_item(o, settings));
     }
-
-    pub(crate) fn build(cfg: &ServingBenchConfig, settings: &Settings, out: Outcome) -> Report {
-        let mut items = Vec::new();
-        if let Some(o) = &out.overlap {
-            items.push(overlap_item(o, settings));
-        }
-        if let Some(t) = &out.tbt {
-            items.extend(tbt_items(t));
-        }
-        let targeted: Vec<&Item> = items.iter().filter(|i| i.target_max.is_some()).collect();
-        let targets_met = targeted.iter().filter(|i| i.met() == Some(true)).count();
-        let targets_total = targeted.len();
-        let mut notes = out.notes.clone();
-        notes.extend(standard_notes(settings));
-        if let Some(t) = &out.tbt {
-            notes.extend(t.notes.iter().cloned());
-        }
-        let table = render(cfg, settings, &out, &items, targets_met, targets_total);
-        let json = to_json(cfg, settings, &out, &items, (targets_met, targets_total), notes);
-        Report {
-            json,
-            table,
-            failed_stages: out.errors.iter().map(|(s, _)| (*s).to_owned()).collect(),
-            targets_met,
-            targets_total,
-        }
+    if let Some(t) = &out.tbt {
+        items.extend(tbt_items(t));
+    }
+    let targeted: Vec<&Item> = items.iter().filter(|i| i.target_max.is_some()).collect();
+    let targets_met = targeted.iter().filter(|i| i.met() == Some(true)).count();
+    let targets_total = targeted.len();
+    let mut notes = out.notes.clone();
+    notes.extend(standard_notes(settings));
+    if let Some(t) = &out.tbt {
+        notes.extend(t.notes.iter().cloned());
+    }
+    let table = render(cfg, settings, &out, &items, targets_met, targets_total);
+    let json = to_json(cfg, settings, &out, &items, (targets_met, targets_total), notes);
+    Report {
+        json,
+        table,
+        failed_stages: out.errors.iter().map(|(s, _)| (*s).to_owned()).collect(),
+        targets_met,
+        targets_total,
+        file_name: "serving.json",
     }
 }
 
