@@ -382,10 +382,12 @@ impl Conductor {
                     let now = Instant::now();
                     if timing.first.is_none() {
                         timing.first = Some(now);
-                        self.metrics
-                            .ttft
-                            .get_or_create(&Metrics::node(&prefill_name))
-                            .observe(now.duration_since(timing.arrived).as_secs_f64());
+                        let ttft = now.duration_since(timing.arrived).as_secs_f64();
+                        self.metrics.ttft.get_or_create(&Metrics::node(&prefill_name)).observe(ttft);
+                        // How far the admission-time prediction was off.
+                        if ticket.placement.predicted_ttft_ms > 0.0 {
+                            self.metrics.ttft_prediction.observe(ttft * 1000.0 / ticket.placement.predicted_ttft_ms);
+                        }
                     } else if let Some(last) = timing.last {
                         let per = now.duration_since(last).as_secs_f64() / t.tokens.len().max(1) as f64;
                         self.metrics.tbt.get_or_create(&Metrics::node(&decode_name)).observe(per);

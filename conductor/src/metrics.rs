@@ -107,6 +107,9 @@ pub struct Metrics {
     pub node_up: Family<NodeRoleLabel, Gauge>,
     pub node_draining: Family<NodeRoleLabel, Gauge>,
     pub prefill_queue: Family<NodeLabel, Gauge>,
+    pub prefill_tokens: Family<NodeLabel, Gauge>,
+    pub prefill_compute: Family<NodeLabel, Gauge<f64, AtomicU64>>,
+    pub ttft_prediction: Histogram,
     pub decode_batch: Family<NodeLabel, Gauge>,
     pub decode_waiting: Family<NodeLabel, Gauge>,
     pub kv_usage: Family<NodeRoleLabel, Gauge<f64, AtomicU64>>,
@@ -136,6 +139,9 @@ impl Metrics {
             node_up: Family::default(),
             node_draining: Family::default(),
             prefill_queue: Family::default(),
+            prefill_tokens: Family::default(),
+            prefill_compute: Family::default(),
+            ttft_prediction: Histogram::new([0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0]),
             decode_batch: Family::default(),
             decode_waiting: Family::default(),
             kv_usage: Family::default(),
@@ -155,6 +161,21 @@ impl Metrics {
         r.register("node_up", "1 when the node answers its status", m.node_up.clone());
         r.register("node_draining", "1 when the node takes no new work", m.node_draining.clone());
         r.register("prefill_queue_requests", "Requests queued or running on a prefill node", m.prefill_queue.clone());
+        r.register(
+            "prefill_computed_tokens",
+            "Prompt tokens a prefill node computed since it started (from its status)",
+            m.prefill_tokens.clone(),
+        );
+        r.register(
+            "prefill_compute_seconds",
+            "Seconds a prefill node spent in forward passes since it started (from its status)",
+            m.prefill_compute.clone(),
+        );
+        r.register(
+            "ttft_prediction_ratio",
+            "Measured TTFT over the scheduler's prediction at admission (1 = exact; above 1 = late)",
+            m.ttft_prediction.clone(),
+        );
         r.register("decode_batch_size", "Sequences decoding on a decode node", m.decode_batch.clone());
         r.register("decode_waiting_requests", "Handoffs waiting on a decode node", m.decode_waiting.clone());
         r.register("kv_usage_ratio", "Share of a node's KV pages in use", m.kv_usage.clone());

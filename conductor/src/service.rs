@@ -351,7 +351,10 @@ impl Conductor {
                 if !n.base.profiled {
                     n.cost = prefill_prior(s.tokens_per_second);
                 }
-                self.metrics.prefill_queue.get_or_create(&Metrics::node(&n.base.name)).set(s.queued_requests as i64);
+                let label = Metrics::node(&n.base.name);
+                self.metrics.prefill_queue.get_or_create(&label).set(s.queued_requests as i64);
+                self.metrics.prefill_tokens.get_or_create(&label).set(s.computed_tokens as i64);
+                self.metrics.prefill_compute.get_or_create(&label).set(s.compute_us as f64 / 1e6);
                 n.status = Some(s.clone());
                 (n.base.name.clone(), Role::Prefill, kv_used(s.kv_pages_free, s.kv_pages_total))
             }

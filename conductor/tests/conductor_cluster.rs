@@ -196,41 +196,78 @@ fn a_burst_is_rejected_early_and_accepted_requests_meet_the_ttft_slo() {
         let r = post(a, "/v1/completions", &json!({"prompt": prompt(1000 + i), "max_tokens": 2}));
         assert_eq!(r.status, 200, "{}", r.body);
     }
-    // 40 different prompts at once: far more prefill work than the SLO
-    // allows to queue on one node.
-    let handles: Vec<_> = (0..40u32)
-        .map(|i| {
-            std::thread::spawn(move || {
-                let t = Instant::now();
-                let mut s = Sse::open(a, "/v1/completions", &json!({"prompt": prompt(i), "max_tokens": 2, "ignore_eos": true, "stream": true, "temperature": 0}));
-                if s.status != 200 {
-                    return (s.status, None);
-                }
-                // The first data event carries the first token.
-                s.next_data();
-                let ttft = t.elapsed();
-                while s.next_data().is_some() {}
-                (200, Some(ttft))
+    // The prefill node's own count of tokens and forward-pass seconds.
+    let computed = || {
+        std::thread::sleep(Duration::from_millis(400)); // a status poll or more
+        let node = "{node=\"prefill-0\"}";
+        let tokens = up.metric(&format!("tandem_prefill_computed_tokens{node}")).unwrap();
+        let secs = up.metric(&format!("tandem_prefill_compute_seconds{node}")).unwrap();
+        (tokens, secs)
+    };
+    let (mut tokens, mut secs) = computed();
+    assert!(tokens >= 5.0 * 150.0, "the prefill node reports {tokens} computed tokens after the warm-up");
+    let warm_speed = tokens / secs;
+    let mut rejected_total = 0;
+    // The predictions can only be as good as the machine is steady: a
+    // burst during which the prefill node computed much slower than in
+    // the warm-up (another tenant of this shared machine) is run again,
+    // up to three times. A late request without such a slowdown fails.
+    for burst in 0..3u32 {
+        // 40 different prompts at once: far more prefill work than the
+        // SLO allows to queue on one node.
+        let handles: Vec<_> = (0..40u32)
+            .map(|i| {
+                let p = prompt(burst * 100 + i);
+                std::thread::spawn(move || {
+                    let t = Instant::now();
+                    let mut s = Sse::open(
+                        a,
+                        "/v1/completions",
+                        &json!({"prompt": p, "max_tokens": 2, "ignore_eos": true, "stream": true, "temperature": 0}),
+                    );
+                    if s.status != 200 {
+                        return (s.status, None);
+                    }
+                    // The first data event carries the first token.
+                    s.next_data();
+                    let ttft = t.elapsed();
+                    while s.next_data().is_some() {}
+                    (200, Some(ttft))
+                })
             })
-        })
-        .collect();
-    let results: Vec<(u16, Option<Duration>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
-    let rejected = results.iter().filter(|r| r.0 == 429).count();
-    let ttfts: Vec<f64> = results.iter().filter_map(|r| r.1).map(|d| d.as_secs_f64() * 1000.0).collect();
-    eprintln!("{} accepted, {rejected} rejected; TTFTs (ms): {ttfts:.0?}", ttfts.len());
-    assert!(results.iter().all(|r| r.0 == 200 || r.0 == 429), "{results:?}");
-    assert!(rejected > 0, "no request was rejected");
-    assert!(!ttfts.is_empty(), "every request was rejected");
-    let late = ttfts.iter().filter(|&&t| t > slo_ms).count();
-    // The predictions come from a profile taken on this shared 2-core
-    // machine, where the burst's own 40 connections (and the conductor
-    // refusing 35 of them) take CPU from the prefill node: allow one
-    // straggler (or one in ten), and none far over.
-    assert!(late <= (ttfts.len() / 10).max(1), "{late} accepted requests missed the {slo_ms} ms TTFT SLO");
-    assert!(ttfts.iter().all(|&t| t < 1.25 * slo_ms), "an accepted request took far longer than the SLO");
+            .collect();
+        let results: Vec<(u16, Option<Duration>)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+        let rejected = results.iter().filter(|r| r.0 == 429).count();
+        rejected_total += rejected;
+        let ttfts: Vec<f64> = results.iter().filter_map(|r| r.1).map(|d| d.as_secs_f64() * 1000.0).collect();
+        let (t1, s1) = computed();
+        let speed = (t1 - tokens) / (s1 - secs).max(1e-9);
+        (tokens, secs) = (t1, s1);
+        let slowdown = warm_speed / speed;
+        eprintln!(
+            "burst {burst}: {} accepted, {rejected} rejected; TTFTs (ms): {ttfts:.0?}; prefill ran at {speed:.0} tokens/s ({warm_speed:.0} in the warm-up)",
+            ttfts.len()
+        );
+        assert!(results.iter().all(|r| r.0 == 200 || r.0 == 429), "{results:?}");
+        assert!(rejected > 0, "no request was rejected");
+        assert!(!ttfts.is_empty(), "every request was rejected");
+        let late = ttfts.iter().filter(|&&t| t > slo_ms).count();
+        // Allow one straggler (or one in ten), and none far over.
+        let met = late <= (ttfts.len() / 10).max(1) && ttfts.iter().all(|&t| t < 1.25 * slo_ms);
+        if met {
+            break;
+        }
+        assert!(
+            slowdown > 1.5 && burst < 2,
+            "{late} accepted requests missed the {slo_ms} ms TTFT SLO (the prefill node computed {slowdown:.1}x slower than in the warm-up)"
+        );
+        eprintln!("the machine slowed down {slowdown:.1}x during the burst: running it again");
+        std::thread::sleep(Duration::from_secs(2));
+    }
     let r = post(a, "/v1/completions", &json!({"prompt": "Hello", "max_tokens": 2}));
     assert_eq!(r.status, 200, "the burst is over: requests are accepted again");
-    assert!(up.metric("tandem_requests_total{outcome=\"rejected\"}").unwrap() >= rejected as f64);
+    assert!(up.metric("tandem_requests_total{outcome=\"rejected\"}").unwrap() >= rejected_total as f64);
+    assert!(up.metric("tandem_ttft_prediction_ratio_count").unwrap() >= 6.0);
 }
 
 #[test]

@@ -53,6 +53,7 @@ pub struct Prefilled {
     pub cached_blocks: usize,
     pub computed_tokens: usize,
     pub queue: Duration,
+    /// Its share (by tokens) of the forward passes it rode in.
     pub compute: Duration,
     /// Resolves to the number of blocks published, once the store has them.
     pub stored: Option<JoinHandle<usize>>,
@@ -144,6 +145,8 @@ struct Active {
     cached_blocks: usize,
     writer: Option<(mpsc::UnboundedSender<WriterMsg>, JoinHandle<usize>)>,
     started: Instant,
+    /// Its share of the forward passes it rode in, by tokens.
+    busy: Duration,
 }
 
 /// The engine: run it on its own thread with [`PrefillEngine::run`].
@@ -240,7 +243,7 @@ impl PrefillEngine {
             _ => None,
         };
         self.stats.cached_tokens.fetch_add(seq.len() as u64, Ordering::Relaxed);
-        Some(Active { done: seq.len(), seq, cached_blocks, writer, started: Instant::now(), job })
+        Some(Active { done: seq.len(), seq, cached_blocks, writer, started: Instant::now(), busy: Duration::ZERO, job })
     }
 
     /// One forward pass over the next chunks of the active prompts.
@@ -322,6 +325,7 @@ impl PrefillEngine {
 
         let mut finished = Vec::new();
         for ((i, range), logits) in plan.iter().zip(logits) {
+            active[*i].busy += took.mul_f64(range.len() as f64 / tokens.max(1) as f64);
             active[*i].done = range.end;
             if range.end == active[*i].job.prompt.len() {
                 finished.push((*i, logits));
@@ -371,7 +375,7 @@ impl PrefillEngine {
             cached_blocks: a.cached_blocks,
             computed_tokens: a.job.prompt.len() - a.cached_blocks * bt,
             queue: a.started.duration_since(a.job.enqueued),
-            compute: a.started.elapsed(),
+            compute: a.busy,
             stored,
         };
         let _ = a.job.reply.send(Ok(done));

@@ -218,6 +218,7 @@ impl Prefill for PrefillService {
             block_tokens: i.layout.block_tokens as u32,
             kv_pages_total: i.layout.num_pages as u32,
             kv_pages_free: s.free_pages.load(Ordering::Relaxed) as u32,
+            compute_us: s.compute_ns.load(Ordering::Relaxed) / 1000,
         }))
     }
 
