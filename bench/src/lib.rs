@@ -15,6 +15,7 @@
 //! is `bench/run_engine_bench.sh`.
 
 pub mod baseline;
+pub mod harness;
 pub mod kvstore;
 pub mod serving;
 pub mod stats;
