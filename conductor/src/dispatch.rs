@@ -31,6 +31,11 @@ pub struct Submission {
 /// What the caller receives.
 #[derive(Debug)]
 pub enum Event {
+    /// The prompt is prefilled; this many of its tokens came from the
+    /// cache (the store, or a colocated node's local cache).
+    Cached {
+        tokens: usize,
+    },
     Token(pb::Token),
     /// The last event of an answer: "stop", "length" or "context_full".
     Finished {
@@ -377,7 +382,15 @@ impl Conductor {
                 }
             };
             match ev.event {
-                Some(WorkerEvent::Prefilled(s)) => self.prefilled(ticket, &p, &s),
+                Some(WorkerEvent::Prefilled(s)) => {
+                    self.prefilled(ticket, &p, &s);
+                    let tokens = (s.cached_blocks * self.model.block_tokens) as usize;
+                    // A retry's prompt carries generated tokens: report the
+                    // first attempt's hits only.
+                    if generated.is_empty() && tx.send(Event::Cached { tokens }).await.is_err() {
+                        return Attempt::Cancelled;
+                    }
+                }
                 Some(WorkerEvent::Tokens(t)) => {
                     let now = Instant::now();
                     if timing.first.is_none() {

@@ -22,6 +22,13 @@ pub struct NodeRoleLabel {
     pub role: Role,
 }
 
+/// A node's store traffic, by direction.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeDirectionLabel {
+    pub node: String,
+    pub direction: &'static str,
+}
+
 #[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
 pub enum Role {
     Prefill,
@@ -108,7 +115,8 @@ pub struct Metrics {
     pub node_draining: Family<NodeRoleLabel, Gauge>,
     pub prefill_queue: Family<NodeLabel, Gauge>,
     pub prefill_tokens: Family<NodeLabel, Gauge>,
-    pub prefill_compute: Family<NodeLabel, Gauge<f64, AtomicU64>>,
+    pub compute: Family<NodeRoleLabel, Gauge<f64, AtomicU64>>,
+    pub store_bytes: Family<NodeDirectionLabel, Gauge>,
     pub ttft_prediction: Histogram,
     pub decode_batch: Family<NodeLabel, Gauge>,
     pub decode_waiting: Family<NodeLabel, Gauge>,
@@ -140,7 +148,8 @@ impl Metrics {
             node_draining: Family::default(),
             prefill_queue: Family::default(),
             prefill_tokens: Family::default(),
-            prefill_compute: Family::default(),
+            compute: Family::default(),
+            store_bytes: Family::default(),
             ttft_prediction: Histogram::new([0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0]),
             decode_batch: Family::default(),
             decode_waiting: Family::default(),
@@ -167,9 +176,14 @@ impl Metrics {
             m.prefill_tokens.clone(),
         );
         r.register(
-            "prefill_compute_seconds",
-            "Seconds a prefill node spent in forward passes since it started (from its status)",
-            m.prefill_compute.clone(),
+            "compute_seconds",
+            "Seconds a node spent in forward passes since it started (from its status; its rate is the node's utilisation)",
+            m.compute.clone(),
+        );
+        r.register(
+            "store_bytes",
+            "KV bytes a node's store client wrote (put) and read (get) since it started (from its status)",
+            m.store_bytes.clone(),
         );
         r.register(
             "ttft_prediction_ratio",

@@ -199,9 +199,8 @@ fn a_burst_is_rejected_early_and_accepted_requests_meet_the_ttft_slo() {
     // The prefill node's own count of tokens and forward-pass seconds.
     let computed = || {
         std::thread::sleep(Duration::from_millis(400)); // a status poll or more
-        let node = "{node=\"prefill-0\"}";
-        let tokens = up.metric(&format!("tandem_prefill_computed_tokens{node}")).unwrap();
-        let secs = up.metric(&format!("tandem_prefill_compute_seconds{node}")).unwrap();
+        let tokens = up.metric("tandem_prefill_computed_tokens{node=\"prefill-0\"}").unwrap();
+        let secs = up.metric("tandem_compute_seconds{node=\"prefill-0\",role=\"prefill\"}").unwrap();
         (tokens, secs)
     };
     let (mut tokens, mut secs) = computed();

@@ -172,6 +172,8 @@ pub struct EngineStats {
     /// Exponentially weighted mean step time (ns).
     pub step_ns: AtomicU64,
     pub steps: AtomicU64,
+    /// Time spent in forward passes (ns).
+    pub compute_ns: AtomicU64,
     pub completed: AtomicU64,
     pub generated: AtomicU64,
     pub fetched_blocks: AtomicU64,
@@ -442,6 +444,7 @@ impl DecodeEngine {
         let started = Instant::now();
         let result = self.model.forward(&mut self.cache, &mut steps);
         drop(steps);
+        self.stats.compute_ns.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
         // The step time reported is a decode step's: passes carrying prompt
         // chunks would skew the scheduler's step-time model.
         if !chunked {

@@ -342,6 +342,9 @@ impl Decode for DecodeService {
             context_tokens: get(&s.context_tokens),
             local_cache_hits: get(&s.local_cache_hits),
             local_cache_blocks: get(&s.local_cache_blocks),
+            compute_us: get(&s.compute_ns) / 1000,
+            store_put_bytes: i.store.as_ref().map_or(0, |c| get(&c.metrics().put_bytes)),
+            store_get_bytes: i.store.as_ref().map_or(0, |c| get(&c.metrics().get_bytes)),
         }))
     }
 

@@ -73,7 +73,7 @@ pub struct Sampler {
 }
 
 /// SplitMix64's finaliser: a bijective 64-bit mix (Steele et al., 2014).
-fn mix64(mut z: u64) -> u64 {
+pub(crate) fn mix64(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
     z ^ (z >> 31)
@@ -119,7 +119,12 @@ impl Sampler {
             None => (None, Vec::new()),
             Some(k) => {
                 let lse = log_sum_exp(logits);
-                let top = top_k_indices(logits, k).into_iter().map(|i| (i as u32, logits[i] - lse)).collect();
+                // `logprobs: 0` asks for the chosen token's alone.
+                let top = if k == 0 {
+                    Vec::new()
+                } else {
+                    top_k_indices(logits, k).into_iter().map(|i| (i as u32, logits[i] - lse)).collect()
+                };
                 (Some(logits[token as usize] - lse), top)
             }
         };
@@ -191,6 +196,15 @@ fn top_k_indices(v: &[f32], k: usize) -> Vec<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn zero_top_logprobs_gives_the_chosen_tokens_logprob_alone() {
+        let mut s = Sampler::new(SamplingParams { logprobs: Some(0), ..SamplingParams::default() }).unwrap();
+        let out = s.sample(&[0.0, 2.0, 1.0]).unwrap();
+        assert_eq!(out.token, 1);
+        assert!(out.logprob.is_some_and(|lp| lp < 0.0));
+        assert!(out.top_logprobs.is_empty(), "not the whole vocabulary: {:?}", out.top_logprobs);
+    }
 
     fn sampler(temperature: f32, top_k: usize, top_p: f32, seed: u64) -> Sampler {
         Sampler::new(SamplingParams { temperature, top_k, top_p, seed, logprobs: Some(3) }).unwrap()

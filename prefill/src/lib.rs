@@ -43,6 +43,10 @@ pub struct PrefillConfig {
     /// Write new blocks to the store (off: compute only, the benchmark's
     /// baseline).
     pub store_writes: bool,
+    /// Read cached prefixes from the store (off: every prompt is computed
+    /// in full while its blocks still go to the store for the decode node;
+    /// the benchmark's "cache disabled" baseline).
+    pub prefix_reads: bool,
     /// Time prefill passes at start so the conductor can predict this node
     /// (off: `Profile` answers empty and the conductor uses its priors).
     pub profile: bool,
@@ -58,6 +62,7 @@ impl Default for PrefillConfig {
             max_queue: 256,
             threads: 0,
             store_writes: true,
+            prefix_reads: true,
             profile: true,
         }
     }

@@ -45,6 +45,7 @@ struct Inner {
     jobs: crossbeam_channel::Sender<Job>,
     store: Option<Arc<StoreClient>>,
     stats: Arc<EngineStats>,
+    prefix_reads: bool,
     decoders: Mutex<HashMap<String, DecodeClient<Channel>>>,
     /// Measured once before serving.
     profile: pb::ProfileReply,
@@ -137,6 +138,7 @@ pub async fn serve(
         jobs: jobs_tx,
         store,
         stats: stats.clone(),
+        prefix_reads: cfg.prefix_reads,
         decoders: Mutex::new(HashMap::new()),
         profile: pb::ProfileReply { node: cfg.name.clone(), prefill: prefill_points, decode: Vec::new() },
     });
@@ -219,6 +221,8 @@ impl Prefill for PrefillService {
             kv_pages_total: i.layout.num_pages as u32,
             kv_pages_free: s.free_pages.load(Ordering::Relaxed) as u32,
             compute_us: s.compute_ns.load(Ordering::Relaxed) / 1000,
+            store_put_bytes: i.store.as_ref().map_or(0, |c| c.metrics().put_bytes.load(Ordering::Relaxed)),
+            store_get_bytes: i.store.as_ref().map_or(0, |c| c.metrics().get_bytes.load(Ordering::Relaxed)),
         }))
     }
 
@@ -317,7 +321,7 @@ impl Inner {
     /// (any store failure is a miss: the blocks are computed instead).
     async fn read_prefix(&self, keys: &[BlockKey]) -> Vec<Vec<u8>> {
         let Some(store) = &self.store else { return Vec::new() };
-        if keys.is_empty() {
+        if keys.is_empty() || !self.prefix_reads {
             return Vec::new();
         }
         let n = match store.longest_prefix(keys).await {

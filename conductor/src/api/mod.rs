@@ -243,9 +243,12 @@ struct Head {
 }
 
 impl Head {
-    fn usage(&self, completion: usize) -> Value {
+    /// OpenAI's usage object; `prompt_tokens_details.cached_tokens` counts
+    /// the prompt tokens read from the KV cache instead of computed.
+    fn usage(&self, completion: usize, cached: usize) -> Value {
         json!({ "prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
-                "total_tokens": self.prompt_tokens + completion })
+                "total_tokens": self.prompt_tokens + completion,
+                "prompt_tokens_details": { "cached_tokens": cached } })
     }
 
     fn object(&self, chunk: bool) -> &'static str {
@@ -303,6 +306,8 @@ struct Assembler<'a> {
     /// `text[..sent]` has been handed on.
     sent: usize,
     tokens: usize,
+    /// Prompt tokens the cache supplied.
+    cached: usize,
     pending_lp: Vec<TokenLogprob>,
     /// The end, once the text before it is out.
     done: Option<&'static str>,
@@ -318,6 +323,7 @@ impl<'a> Assembler<'a> {
             text: String::new(),
             sent: 0,
             tokens: 0,
+            cached: 0,
             pending_lp: Vec::new(),
             done: None,
         }
@@ -335,6 +341,7 @@ impl<'a> Assembler<'a> {
         loop {
             let Some(ev) = rx.recv().await else { return Out::Failed("the request ended without an answer".into()) };
             match ev {
+                Event::Cached { tokens } => self.cached = tokens,
                 Event::Token(t) => {
                     self.tokens += 1;
                     if self.logprobs {
@@ -399,7 +406,7 @@ async fn whole(
     };
     let choice = head.choice(false, &asm.text, &logprobs, 0, Some(finish));
     let mut body = head.envelope(false, json!([choice]));
-    body["usage"] = head.usage(asm.tokens);
+    body["usage"] = head.usage(asm.tokens, asm.cached);
     Ok(Json(body).into_response())
 }
 
@@ -441,7 +448,7 @@ fn stream(c: Arc<Conductor>, head: Head, knobs: Knobs, mut rx: mpsc::Receiver<Ev
                     }
                     if knobs.include_usage {
                         let mut u = head.envelope(true, json!([]));
-                        u["usage"] = head.usage(asm.tokens);
+                        u["usage"] = head.usage(asm.tokens, asm.cached);
                         if !send(u).await {
                             return;
                         }

@@ -8,6 +8,8 @@ use clap::{Args, Subcommand};
 use tandem_bench::kvstore::{self, KvBenchConfig, Stage};
 use tandem_bench::serving::{self, ServingBenchConfig};
 
+use super::bench_harness as harness_cli;
+
 /// Benchmarks.
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
@@ -61,6 +63,48 @@ pub enum BenchCommand {
     ///
     /// Example: tandem bench serving --quick --json /tmp/serving.json
     Serving(ServingBenchArgs),
+    /// Replay a Mooncake trace through a loopback cluster, once per policy.
+    ///
+    /// Every policy (or deployment) gets a fresh cluster (`tandem up` as a
+    /// child process) and the same requests at the same (scaled) times,
+    /// sent through the OpenAI API with streaming and measured at the
+    /// client: TTFT, TBT, TPOT, e2e (mean, p50, p90, p99), throughput,
+    /// goodput under the SLOs, rejections, the cache hit ratio (tokens and
+    /// blocks), KV bytes through the store, node utilisation.
+    ///
+    /// Tokens are synthesised per hash id (the same id always gives the
+    /// same tokens), so the store's hits are real. With --compute modeled
+    /// the workers replace forward passes by a cost model of an accelerator
+    /// (see the README's roofline) and move KV bytes of the modeled size /
+    /// --kv-scale through the real store, so the trace runs at its own
+    /// lengths; with --compute real the model runs and lengths are scaled
+    /// by --tokens-per-block / 512.
+    ///
+    /// Writes the JSON (schema-versioned), a Markdown report and SVG plots
+    /// next to it.
+    ///
+    /// Example: tandem bench replay --trace fixtures/traces/synthetic_trace.jsonl
+    /// --compute modeled --policies kv-centric,random,colocated --max-requests 200
+    /// --time-scale 0.5 --json bench/results/replay.json
+    Replay(ReplayArgs),
+    /// Synthetic load through a loopback cluster; lists sweep.
+    ///
+    /// Poisson or fixed-rate arrivals (--rates) or a fixed number of
+    /// clients (--concurrency), input/output length ranges, shared system
+    /// prompts (--prefix-groups) and multi-turn conversations (--turns:
+    /// each turn's prompt extends the last with its answer and new user
+    /// tokens). Every combination of --rates/--concurrency, --policies and
+    /// --deployments is one run on a fresh cluster, measured in the same
+    /// invocation: that is the sweep mode.
+    ///
+    /// Example: tandem bench run --requests 40 --rates 0.5,1,2 --input 128-384
+    /// --output 32 --policies kv-centric --deployments 1P1D,colocatedx2
+    #[command(visible_alias = "sweep")]
+    Run(RunArgs),
+    /// Print the deltas between two bench results (matched by run label).
+    ///
+    /// Example: tandem bench compare before.json after.json
+    Compare(CompareArgs),
 }
 
 #[derive(Debug, Args)]
@@ -104,8 +148,145 @@ pub struct ServingBenchArgs {
     shm_dir: Option<PathBuf>,
 }
 
+/// What replay and run share: the cluster, compute, SLOs, output.
+#[derive(Debug, Args)]
+pub struct ClusterArgs {
+    /// real (the model runs) or modeled (a cost model of --profile).
+    #[arg(long, default_value = "real", value_parser = ["real", "modeled"])]
+    pub(crate) compute: String,
+    /// The modeled accelerator and model (with --compute modeled).
+    #[arg(long, default_value = "h100-llama3-8b")]
+    pub(crate) profile: String,
+    /// Modeled KV bytes are divided by this so the run fits in RAM.
+    #[arg(long, default_value_t = 256)]
+    pub(crate) kv_scale: u32,
+    /// The model served (its tokenizer and vocabulary also serve modeled runs).
+    #[arg(long, default_value = "smollm2")]
+    pub(crate) model: String,
+    /// Tokens per KV block (default: 16 real, 512 modeled = the trace's).
+    #[arg(long)]
+    pub(crate) block_tokens: Option<u32>,
+    /// KV dtype of the workers (default: f32 real, bf16 modeled).
+    #[arg(long)]
+    pub(crate) kv_dtype: Option<String>,
+    /// DRAM of the store's one storage node.
+    #[arg(long, default_value = "2GiB")]
+    pub(crate) store_dram: String,
+    /// Store eviction policy (default: the store's).
+    #[arg(long)]
+    pub(crate) eviction: Option<String>,
+    /// KV transfers between processes: shm or tcp.
+    #[arg(long, default_value = "shm", value_parser = ["shm", "tcp"])]
+    pub(crate) transport: String,
+    /// KV pages of each worker.
+    #[arg(long, default_value = "512MiB")]
+    pub(crate) kv_memory: String,
+    /// Turn the prefix cache off: prefill nodes compute every prompt in
+    /// full (colocated nodes get no local cache). The baseline of a cache
+    /// comparison.
+    #[arg(long)]
+    pub(crate) no_cache: bool,
+    /// TTFT SLO for goodput and attainment (also the conductor's).
+    #[arg(long, default_value_t = 10_000.0)]
+    pub(crate) slo_ttft_ms: f64,
+    /// TBT SLO, applied to each request's TPOT (also the conductor's).
+    #[arg(long, default_value_t = 1_000.0)]
+    pub(crate) slo_tbt_ms: f64,
+    /// A request without its full answer after this long fails.
+    #[arg(long, default_value_t = 600)]
+    pub(crate) timeout_s: u64,
+    /// Policies to compare: kv-centric, random, round-robin, least-loaded,
+    /// cache-affinity, colocated.
+    #[arg(long, value_delimiter = ',', default_value = "kv-centric")]
+    pub(crate) policies: Vec<String>,
+    /// Deployments: 1P1D, 2P1D, 1P2D..., colocatedx2 (colocated runs use
+    /// their decode count of workers).
+    #[arg(long, value_delimiter = ',', default_value = "1P1D")]
+    pub(crate) deployments: Vec<String>,
+    /// Where to write the JSON (the report and plots go next to it).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) json: Option<PathBuf>,
+    /// Keep each run's cluster file and logs under this folder.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) keep: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplayArgs {
+    /// A Mooncake trace (JSON lines: timestamp, input_length, output_length, hash_ids).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) trace: PathBuf,
+    /// Send only the first N requests.
+    #[arg(long)]
+    pub(crate) max_requests: Option<usize>,
+    /// Send only requests arriving in the first S seconds (after scaling).
+    #[arg(long, value_name = "S")]
+    pub(crate) duration: Option<f64>,
+    /// Multiply arrival times (0.5: twice the request rate).
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) time_scale: f64,
+    /// Multiply output lengths.
+    #[arg(long, default_value_t = 1.0)]
+    pub(crate) output_scale: f64,
+    /// Tokens synthesised per trace block of 512 (default: the block size;
+    /// 512 keeps the trace's own lengths).
+    #[arg(long)]
+    pub(crate) tokens_per_block: Option<u32>,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Requests per run (turns of all conversations).
+    #[arg(long, default_value_t = 40)]
+    pub(crate) requests: u32,
+    /// Offered loads in conversations per second (one run each).
+    #[arg(long, value_delimiter = ',', conflicts_with = "concurrency")]
+    pub(crate) rates: Vec<f64>,
+    /// Fixed numbers of concurrent clients (one run each).
+    #[arg(long, value_delimiter = ',')]
+    pub(crate) concurrency: Vec<u32>,
+    /// Arrival process with --rates.
+    #[arg(long, default_value = "poisson", value_parser = ["poisson", "fixed"])]
+    pub(crate) arrival: String,
+    /// New prompt tokens per turn: N or MIN-MAX.
+    #[arg(long, default_value = "256")]
+    pub(crate) input: String,
+    /// Output tokens per turn: N or MIN-MAX.
+    #[arg(long, default_value = "32")]
+    pub(crate) output: String,
+    /// Distinct shared system prompts (0: none).
+    #[arg(long, default_value_t = 0)]
+    pub(crate) prefix_groups: u32,
+    /// Tokens of each system prompt.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) prefix_tokens: u32,
+    /// Turns per conversation.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) turns: u32,
+    /// Pause between an answer and the next turn.
+    #[arg(long, default_value_t = 0)]
+    pub(crate) think_ms: u64,
+    #[arg(long, default_value_t = 1)]
+    pub(crate) seed: u64,
+    #[command(flatten)]
+    pub(crate) cluster: ClusterArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct CompareArgs {
+    /// The baseline result.
+    pub(crate) a: PathBuf,
+    /// The result compared with it.
+    pub(crate) b: PathBuf,
+}
+
 pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
+        BenchCommand::Replay(args) => harness_cli::replay(args),
+        BenchCommand::Run(args) => harness_cli::synthetic(args),
+        BenchCommand::Compare(args) => harness_cli::compare(args),
         BenchCommand::Kvstore(args) => {
             let cfg = KvBenchConfig {
                 quick: args.quick,

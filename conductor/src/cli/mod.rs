@@ -2,6 +2,7 @@
 //! over the crate that does the work.
 
 mod bench;
+mod bench_harness;
 mod check;
 pub mod cluster;
 mod conductor;
