@@ -108,7 +108,11 @@ fn execute(
         started_unix_s,
         machine: tandem_bench::stats::machine(),
         workload,
-        compute: setup.compute.name(),
+        compute: if setup.prefix_reads {
+            setup.compute.name()
+        } else {
+            format!("{}, prefix cache off", setup.compute.name())
+        },
         slo: Slo { ttft_ms: c.slo_ttft_ms, tbt_ms: c.slo_tbt_ms },
         runs: Vec::new(),
     };
