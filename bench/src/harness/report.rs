@@ -209,7 +209,7 @@ fn kv_and_nodes(md: &mut String, runs: &[Run]) {
             cells.extend(keys.iter().map(|k| r.kv_bytes.get(*k).map_or(NONE.into(), |b| bytes(*b))));
             let total: u64 = r.kv_bytes.values().fold(0u64, |a, b| a.saturating_add(*b));
             cells.push(bytes(total));
-            cells.push(if r.requests.completed == 0 { NONE.into() } else { bytes(total / r.requests.completed) });
+            cells.push(total.checked_div(r.requests.completed).map_or_else(|| NONE.into(), bytes));
             table_row(md, &cells);
         }
     }

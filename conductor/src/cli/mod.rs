@@ -83,7 +83,7 @@ pub enum Command {
     CheckConfig(check::CheckArgs),
     /// Benchmarks reported as ratios against same-run baselines.
     #[command(subcommand)]
-    Bench(bench::BenchCommand),
+    Bench(Box<bench::BenchCommand>),
 }
 
 /// Runs the parsed command.
@@ -99,7 +99,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Conductor(args) => conductor::run(args),
         Command::Ctl(args) => ctl::run(args),
         Command::CheckConfig(args) => check::run(args),
-        Command::Bench(cmd) => bench::run(cmd),
+        Command::Bench(cmd) => bench::run(*cmd),
     }
 }
 
