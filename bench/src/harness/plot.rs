@@ -29,6 +29,9 @@ const SIZE: (u32, u32) = (960, 600);
 const MAX_POINTS: usize = 2000;
 /// Stroke width of data lines (axes and ticks are 1).
 const SERIES_WIDTH: u32 = 2;
+/// Positive TTFTs are drawn within these bounds (seconds: 1 ns, about
+/// 11.6 days): plotters' log axis does not finish over hundreds of decades.
+const TTFT_BOUNDS_S: (f64, f64) = (1e-9, 1e6);
 /// Above this max/min spread the TTFT axis is logarithmic.
 const LOG_SPREAD: f64 = 100.0;
 
@@ -98,10 +101,20 @@ fn cdf_series(runs: &[Run]) -> Vec<Series> {
             }
             s.sort_by(f64::total_cmp);
             let n = s.len();
-            let points = thin(n).map(|i| (s[i] / 1000.0, (i + 1) as f64 / n as f64)).collect();
+            let points = thin(n).map(|i| (ttft_s(s[i]), (i + 1) as f64 / n as f64)).collect();
             Some(Series { label: r.label.clone(), points })
         })
         .collect()
+}
+
+/// A TTFT sample (ms) as the x of the CDF (s), kept within [`TTFT_BOUNDS_S`].
+fn ttft_s(ms: f64) -> f64 {
+    let s = ms / 1000.0;
+    if s > 0.0 {
+        s.clamp(TTFT_BOUNDS_S.0, TTFT_BOUNDS_S.1)
+    } else {
+        s
+    }
 }
 
 /// Indices `0..n`, at most [`MAX_POINTS`] of them, evenly spread, the
@@ -169,10 +182,20 @@ fn bounds(series: &[Series], pick: impl Fn(&(f64, f64)) -> f64) -> Option<(f64, 
 
 /// `0..hi` padded by 5%, or `0..1` when there is nothing above zero.
 fn linear_from_zero(hi: f64) -> Range<f64> {
-    if hi > 0.0 {
-        0.0..hi * 1.05
+    if hi > 0.0 && hi.is_finite() {
+        0.0..pad(hi, 1.05)
     } else {
         0.0..1.0
+    }
+}
+
+/// `v * by`, or `v` where that overflows.
+fn pad(v: f64, by: f64) -> f64 {
+    let p = v * by;
+    if p.is_finite() {
+        p
+    } else {
+        v
     }
 }
 
@@ -187,7 +210,7 @@ fn render_ttft_cdf(runs: &[Run]) -> anyhow::Result<String> {
     };
     let positive = bounds(&series, |p| p.0).filter(|(lo, hi)| wants_log(*lo, *hi));
     match positive {
-        Some((lo, hi)) => render(&spec, &series, (lo / 1.2..hi * 1.2).log_scale(), 0.0..1.0),
+        Some((lo, hi)) => render(&spec, &series, (lo / 1.2..pad(hi, 1.2)).log_scale(), 0.0..1.0),
         None => {
             let hi = bounds(&series, |p| p.0).map_or(0.0, |b| b.1);
             render::<RangedCoordf64, _>(&spec, &series, linear_from_zero(hi), 0.0..1.0)
@@ -468,6 +491,25 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn extreme_values_render() {
+        let mut a = empty_run("huge");
+        a.ttft_samples_ms = vec![1e-300, 1.0, f64::MAX, f64::INFINITY, f64::NAN];
+        a.hit_ratio_timeline = vec![(0.0, 0.5), (f64::MAX, 1.0), (f64::NAN, 0.2)];
+        a.rate_rps = Some(f64::MAX);
+        a.goodput_rps = f64::MAX;
+        let mut b = empty_run("zero");
+        b.ttft_samples_ms = vec![0.0, 0.0];
+        b.rate_rps = Some(0.0);
+        for runs in [vec![a.clone(), b.clone()], vec![a], vec![b]] {
+            for svg in
+                [render_ttft_cdf(&runs).unwrap(), render_goodput(&runs).unwrap(), render_hit_ratio(&runs).unwrap()]
+            {
+                assert_svg(&svg);
+            }
+        }
+    }
+
+    #[test]
     fn axis_labels_are_short() {
         assert_eq!(axis_label(0.0), "0");
         assert_eq!(axis_label(0.05), "0.05");
@@ -475,20 +517,5 @@ pub(crate) mod tests {
         assert_eq!(axis_label(2.0), "2");
         assert_eq!(axis_label(12.5), "12.5");
         assert_eq!(axis_label(250.0), "250");
-    }
-}
-#[cfg(test)]
-mod dump_tmp {
-    #[test]
-    fn dump_svg_tmp() {
-        let r = crate::harness::report::tests::sample();
-        std::fs::write("/tmp/cdf.svg", super::render_ttft_cdf(&r.runs).unwrap()).unwrap();
-        std::fs::write("/tmp/gp.svg", super::render_goodput(&r.runs).unwrap()).unwrap();
-        std::fs::write("/tmp/hr.svg", super::render_hit_ratio(&r.runs).unwrap()).unwrap();
-        std::fs::write("/tmp/md.md", crate::harness::report::markdown(&r, &[])).unwrap();
-        let mut b = r.clone();
-        b.runs[0].ttft_ms.p99 = 400.0;
-        b.compute = "modeled:h100".into();
-        std::fs::write("/tmp/cmp.txt", crate::harness::compare::compare(&r, &b)).unwrap();
     }
 }

@@ -152,7 +152,7 @@ fn runs_table(md: &mut String, runs: &[Run]) {
         "Block hit",
         "Prompt tokens",
     ];
-    table_head(md, &COLUMNS);
+    table_head(md, &COLUMNS, 4);
     for r in runs {
         let c = &r.requests;
         let cells = [
@@ -203,13 +203,13 @@ fn kv_and_nodes(md: &mut String, runs: &[Run]) {
         head.extend(keys.iter().copied());
         head.push("Total");
         head.push("Per completed request");
-        table_head(md, &head);
+        table_head(md, &head, 1);
         for r in runs {
             let mut cells = vec![cell(&r.label)];
             cells.extend(keys.iter().map(|k| r.kv_bytes.get(*k).map_or(NONE.into(), |b| bytes(*b))));
             let total: u64 = r.kv_bytes.values().fold(0u64, |a, b| a.saturating_add(*b));
             cells.push(bytes(total));
-            cells.push(total.checked_div(r.requests.completed).map_or_else(|| NONE.into(), bytes));
+            cells.push(total.checked_div(r.requests.completed).map_or(NONE.into(), bytes));
             table_row(md, &cells);
         }
     }
@@ -218,7 +218,7 @@ fn kv_and_nodes(md: &mut String, runs: &[Run]) {
         md.push_str("_No node usage recorded._\n");
     } else {
         md.push_str("Share of the run's wall time each node spent in forward passes.\n\n");
-        table_head(md, &["Run", "Node", "Role", "Busy"]);
+        table_head(md, &["Run", "Node", "Role", "Busy"], 3);
         for r in runs {
             for n in &r.nodes {
                 table_row(md, &[cell(&r.label), cell(&n.name), cell(&n.role), percent(n.busy)]);
@@ -230,9 +230,11 @@ fn kv_and_nodes(md: &mut String, runs: &[Run]) {
 /// Shown where there is no value.
 const NONE: &str = "—";
 
-fn table_head(md: &mut String, cols: &[&str]) {
+/// A table's header: the first `text` columns left-aligned, the rest
+/// (numbers) right-aligned.
+fn table_head(md: &mut String, cols: &[&str], text: usize) {
     let _ = writeln!(md, "| {} |", cols.join(" | "));
-    let aligns: Vec<&str> = cols.iter().enumerate().map(|(i, _)| if i == 0 { ":---" } else { "---:" }).collect();
+    let aligns: Vec<&str> = (0..cols.len()).map(|i| if i < text { ":---" } else { "---:" }).collect();
     let _ = writeln!(md, "|{}|", aligns.join("|"));
 }
 
@@ -550,6 +552,8 @@ pub(crate) mod tests {
         runs[2].cache.prompt_blocks = 0;
         runs[2].nodes = vec![node("worker-0", "colocated", 0.88), node("worker-1", "colocated", 0.86)];
         runs[2].kv_bytes.clear();
+        runs[1].hit_ratio_timeline = timeline(60, 0.28);
+        runs[2].hit_ratio_timeline = timeline(60, 0.55);
         runs[3].hit_ratio_timeline.clear();
         runs[3].kv_bytes = BTreeMap::from([("tcp.read".into(), 1536)]);
         BenchResult {

@@ -215,7 +215,7 @@ mod tests {
         };
         let samples = vec![
             sample(Status::Completed, 0.0, &[0.5, 0.55, 0.6], 33, 16), // good
-            sample(Status::Completed, 1.0, &[1.5, 1.9, 2.3], 33, 0),   // TPOT 400 ms: misses TBT
+            sample(Status::Completed, 1.0, &[0.5, 0.9, 1.3], 33, 0),   // TPOT 400 ms: misses TBT
             sample(Status::Completed, 2.0, &[1.2, 1.25], 48, 32),      // TTFT 1.2 s: misses TTFT
             sample(Status::Rejected, 3.0, &[], 10, 0),
             sample(Status::Failed("x".into()), 3.5, &[], 10, 0),
