@@ -60,6 +60,20 @@ fn strftime_now(format: String) -> std::result::Result<String, minijinja::Error>
     strftime(&format, secs)
 }
 
+/// The UTC calendar date (year, month 1-12, day 1-31) of a Unix time
+/// (Howard Hinnant's `civil_from_days`).
+pub fn civil_date(unix_secs: u64) -> (i64, i64, i64) {
+    let z = (unix_secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    (yoe + era * 400 + i64::from(month <= 2), month, day)
+}
+
 fn strftime(format: &str, unix_secs: u64) -> std::result::Result<String, minijinja::Error> {
     const MONTHS: [&str; 12] = [
         "January",
@@ -75,18 +89,8 @@ fn strftime(format: &str, unix_secs: u64) -> std::result::Result<String, minijin
         "November",
         "December",
     ];
-    let days = (unix_secs / 86_400) as i64;
     let secs_of_day = unix_secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
+    let (year, month, day) = civil_date(unix_secs);
     let month_name = MONTHS[(month - 1) as usize];
 
     let mut out = String::with_capacity(format.len() + 8);
