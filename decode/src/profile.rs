@@ -27,6 +27,12 @@ pub const REPEAT_BELOW: Duration = Duration::from_millis(200);
 const DECODE_BATCH: [usize; 3] = [1, 4, 16];
 /// KV tokens per sequence of a decode step.
 const DECODE_CONTEXT: [usize; 2] = [64, 512];
+/// The same for a modeled model (`tandem_model::modeled`), which serves
+/// batches of long contexts: a modeled step only sleeps its modeled time
+/// (milliseconds), so serving-sized shapes are cheap to time and put the
+/// fit's points where the workload is.
+const MODELED_BATCH: [usize; 3] = [1, 16, 64];
+const MODELED_CONTEXT: [usize; 2] = [1024, 16384];
 
 /// `n` pseudo-random token ids below `vocab`, the same in every process
 /// (SplitMix64 over the index).
@@ -91,15 +97,18 @@ pub fn timed<P>(node: &str, measure: impl FnOnce() -> Result<Vec<P>, ModelError>
 
 /// Times one batched decode step for each shape that fits: `batch` ∈
 /// {1, 4, 16} (capped at `max_batch`) sequences of {64, 512} KV tokens
-/// each, timed with [`time_ms`]. Shapes the pool or the context length
-/// cannot hold are skipped.
+/// each — for a modeled model {1, 16, 64} sequences of {1024, 16384} —
+/// timed with [`time_ms`]. Shapes the pool or the context length cannot
+/// hold are skipped.
 pub fn decode(model: &Model, cache: &mut KvCache, max_batch: usize) -> Result<Vec<pb::DecodePoint>, ModelError> {
-    let mut batches: Vec<usize> = DECODE_BATCH.iter().map(|&b| b.min(max_batch.max(1))).collect();
+    let (all_batches, all_contexts) =
+        if model.is_modeled() { (&MODELED_BATCH, &MODELED_CONTEXT) } else { (&DECODE_BATCH, &DECODE_CONTEXT) };
+    let mut batches: Vec<usize> = all_batches.iter().map(|&b| b.min(max_batch.max(1))).collect();
     batches.dedup();
     let limit = model.config().max_position_embeddings;
     let shapes: Vec<(usize, usize)> = batches
         .iter()
-        .flat_map(|&b| DECODE_CONTEXT.iter().map(move |&c| (b, c)))
+        .flat_map(|&b| all_contexts.iter().map(move |&c| (b, c)))
         // Each step (a warm-up, then up to RUNS) appends a token to every sequence.
         .filter(|&(b, c)| c + RUNS < limit && b * cache.pages_for(c + RUNS + 1) <= cache.free_pages())
         .collect();

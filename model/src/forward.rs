@@ -10,8 +10,11 @@
 use crate::config::ModelConfig;
 use crate::error::{ModelError, Result};
 use crate::kv_cache::{KvCache, KvPool, SeqKv};
+use crate::modeled::Modeled;
 use crate::weights::{LayerWeights, Weights};
 use rayon::prelude::*;
+use std::sync::Arc;
+use std::time::Instant;
 use tandem_kernels::attention::{attend, AttendArgs, KvElem, KvGeometry};
 use tandem_kernels::ops::{apply_rope, rms_norm_rows, silu_mul};
 use tandem_kernels::{matmul, Precision};
@@ -35,13 +38,16 @@ pub struct Step<'a> {
     pub logits: Logits,
 }
 
-/// A loaded model, ready to run.
+/// A loaded model, ready to run: real weights, or a modeled backend
+/// ([`Model::modeled`]) that costs what a named accelerator would take and
+/// has no weights.
 #[derive(Debug)]
 pub struct Model {
     config: ModelConfig,
     weights: Weights,
     inv_freq: Vec<f32>,
     precision: Precision,
+    modeled: Option<Arc<Modeled>>,
 }
 
 /// RoPE inverse frequencies as Hugging Face computes them, with Llama-3
@@ -83,7 +89,35 @@ struct Buffers {
 impl Model {
     pub fn new(config: ModelConfig, weights: Weights, precision: Precision) -> Self {
         let inv_freq = rope_inv_freq(&config);
-        Self { config, weights, inv_freq, precision }
+        Self { config, weights, inv_freq, precision, modeled: None }
+    }
+
+    /// A modeled model (DESIGN.md §6, [`crate::modeled`]): no weights; it
+    /// serves the configuration [`Modeled::config`] derives from `served`
+    /// (the real model whose tokenizer the workers use), and never picks
+    /// `reserved` token ids (the tokenizer's special tokens) as the next
+    /// token.
+    pub fn modeled(mut modeled: Modeled, served: &ModelConfig, reserved: &[u32]) -> Result<Self> {
+        let config = modeled.config(served)?;
+        modeled.reserve_tokens(reserved, config.vocab_size)?;
+        let inv_freq = rope_inv_freq(&config);
+        Ok(Self {
+            config,
+            weights: Weights::empty()?,
+            inv_freq,
+            precision: Precision::Fast,
+            modeled: Some(Arc::new(modeled)),
+        })
+    }
+
+    /// Whether the forward pass is modeled rather than computed.
+    pub fn is_modeled(&self) -> bool {
+        self.modeled.is_some()
+    }
+
+    /// The modeled backend, if this model is modeled.
+    pub fn modeled_backend(&self) -> Option<&Modeled> {
+        self.modeled.as_deref()
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -114,6 +148,12 @@ impl Model {
         use xxhash_rust::xxh3::Xxh3;
         let mut h = Xxh3::new();
         h.update(format!("{:?}|{:?}", self.config, self.precision).as_bytes());
+        if let Some(m) = &self.modeled {
+            // No weights to hash; the profile, the scale and the served
+            // configuration (vocabulary, scaled geometry) identify it.
+            let name = m.profile().name;
+            return format!("modeled-{name}-kv{}-{:016x}", m.kv_scale(), h.digest());
+        }
         let mut row = vec![0.0f32; self.config.hidden_size];
         for t in [0, 1, self.config.vocab_size / 2, self.config.vocab_size - 1] {
             self.weights.embed.dequantize_row(t, &mut row);
@@ -139,6 +179,7 @@ impl Model {
         steps: &mut [Step<'_>],
         after_layer: &mut dyn FnMut(usize, &KvCache),
     ) -> Result<Vec<Vec<f32>>> {
+        let started = Instant::now();
         let c = &self.config;
         if *cache.geometry() != self.kv_geometry(cache.geometry().page_tokens) {
             return Err(ModelError::Request("KV cache geometry does not match the model".into()));
@@ -168,6 +209,9 @@ impl Model {
         for step in steps.iter_mut() {
             let end = step.seq.len() + step.tokens.len();
             cache.reserve(step.seq, end)?;
+        }
+        if let Some(m) = &self.modeled {
+            return Ok(m.forward(c, cache, steps, after_layer, started));
         }
 
         // Row r of every buffer is one new token: (step, absolute position).

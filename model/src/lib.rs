@@ -8,6 +8,9 @@
 //! - [`chat`] — chat templates (minijinja).
 //! - [`kv_cache`] — the paged KV cache (pages, block tables, f32/bf16).
 //! - [`forward`] — the batched forward pass: chunked prefill + paged decode.
+//! - [`modeled`] — modeled compute: a roofline of a named accelerator and
+//!   model replaces the forward pass (selected by config only) while real
+//!   KV bytes of the scaled size move.
 //! - [`sampling`] — greedy/temperature/top-k/top-p sampling, stops, logprobs.
 //! - [`engine`] — loading a model by name or path and generating text.
 //! - [`fetch`] — downloading known models into the local cache.
@@ -30,5 +33,6 @@ pub use tokenizer::Tokenizer;
 pub mod engine;
 pub mod forward;
 pub mod kv_cache;
+pub mod modeled;
 pub mod safetensors;
 pub mod sampling;

@@ -247,6 +247,17 @@ impl Tokenizer {
     pub fn stop_ids(&self) -> &[u32] {
         &self.stop_ids
     }
+    /// Every special id, sorted: BOS, EOS, the stop ids and the added
+    /// tokens marked special (a modeled model never predicts them).
+    pub fn special_ids(&self) -> Vec<u32> {
+        let added = self.inner.get_added_tokens_decoder();
+        let mut ids: Vec<u32> = added.iter().filter(|(_, t)| t.special).map(|(&id, _)| id).collect();
+        ids.extend(self.bos.iter().chain(&self.eos).map(|(id, _)| *id));
+        ids.extend_from_slice(&self.stop_ids);
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
     pub fn chat_template(&self) -> Option<&str> {
         self.chat_template.as_deref()
     }

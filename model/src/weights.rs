@@ -144,6 +144,13 @@ fn vector(src: &dyn TensorSource, name: &str, len: usize) -> Result<Vec<f32>> {
 }
 
 impl Weights {
+    /// No weights at all: what a modeled model holds (`crate::modeled`),
+    /// whose forward pass reads none.
+    pub fn empty() -> Result<Self> {
+        let none = WeightMatrix::from_f32(0, 0, &[])?;
+        Ok(Self { embed: none.clone(), layers: Vec::new(), final_norm: Vec::new(), lm_head: none })
+    }
+
     /// Loads every tensor the config calls for, checking shapes.
     pub fn load(config: &ModelConfig, src: &dyn TensorSource) -> Result<Self> {
         let naming = src.naming();

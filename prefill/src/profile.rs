@@ -15,19 +15,29 @@ use tandem_proto::worker as pb;
 const UNCACHED: [usize; 3] = [16, 64, 256];
 /// Prompt tokens already in the KV cache before it.
 const CACHED: [usize; 2] = [0, 256];
+/// The same for a modeled model (`tandem_model::modeled`), which serves
+/// prompts of thousands to a hundred thousand tokens: a modeled pass only
+/// sleeps its modeled time, so serving-sized shapes are cheap to time
+/// (about 2 s in all for Llama-3-8B or -70B on H100s) and put the fit's
+/// points where the workload is.
+const MODELED_UNCACHED: [usize; 3] = [512, 4096, 16384];
+const MODELED_CACHED: [usize; 2] = [0, 16384];
 
 /// Times one prefill pass for each shape that fits: `uncached` ∈ {16, 64,
 /// 256} (capped at `chunk_tokens`; longer prompts are extrapolated by the
-/// fit's quadratic term) × `cached` ∈ {0, 256}, timed with
+/// fit's quadratic term) × `cached` ∈ {0, 256} — for a modeled model
+/// `uncached` ∈ {512, 4096, 16384} × `cached` ∈ {0, 16384} — timed with
 /// [`time_ms`]. Shapes the pool or the context length cannot hold are
 /// skipped.
 pub fn prefill(model: &Model, cache: &mut KvCache, chunk_tokens: usize) -> Result<Vec<pb::PrefillPoint>, ModelError> {
-    let mut uncached: Vec<usize> = UNCACHED.iter().map(|&u| u.min(chunk_tokens.max(1))).collect();
+    let (all_uncached, all_cached) =
+        if model.is_modeled() { (&MODELED_UNCACHED, &MODELED_CACHED) } else { (&UNCACHED, &CACHED) };
+    let mut uncached: Vec<usize> = all_uncached.iter().map(|&u| u.min(chunk_tokens.max(1))).collect();
     uncached.dedup();
     let limit = model.config().max_position_embeddings;
     let shapes: Vec<(usize, usize)> = uncached
         .iter()
-        .flat_map(|&u| CACHED.iter().map(move |&c| (u, c)))
+        .flat_map(|&u| all_cached.iter().map(move |&c| (u, c)))
         .filter(|&(u, c)| u + c < limit && cache.pages_for(u + c) <= cache.free_pages())
         .collect();
     let tokens = synthetic_tokens(uncached.iter().copied().max().unwrap_or(0), model.config().vocab_size);

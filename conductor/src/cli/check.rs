@@ -20,6 +20,9 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         "model     {} ({} KV, blocks of {} tokens, {} precision)",
         m.path, m.kv_dtype, m.block_tokens, m.precision
     );
+    if let Some(modeled) = m.modeled()? {
+        println!("          {} (tokenizer from {})", modeled.describe(), m.path);
+    }
     let c = &cfg.conductor;
     println!(
         "conductor {} on http://{} (admin {}), policy {}, SLO TTFT {} ms / TBT {} ms",

@@ -53,8 +53,10 @@ pub fn run(args: ConductorArgs) -> anyhow::Result<()> {
 /// Builds the conductor of a cluster file and starts polling its workers
 /// (and, with `[discovery]`, watching etcd for more).
 pub async fn start(cfg: &ClusterConfig, no_store: bool) -> anyhow::Result<Arc<crate::service::Conductor>> {
-    let path = tandem_model::fetch::resolve(&cfg.model.path, true)?;
-    let (tokenizer, model_cfg) = tandem_model::engine::load_tokenizer(&path).context("loading the tokenizer")?;
+    // The configuration the workers serve: under `compute = "modeled"` the
+    // modeled one (its context length, its scaled KV blocks), which the
+    // conductor bounds requests by and schedules with.
+    let (tokenizer, model_cfg) = cfg.model.load_tokenizer(true).context("loading the tokenizer")?;
     let info = crate::service::ModelInfo::new(
         cfg.conductor.model_name(&cfg.model.path),
         tokenizer,

@@ -46,7 +46,7 @@ pub fn run_prefill(args: WorkerArgs) -> anyhow::Result<()> {
     let cfg = ClusterConfig::load(&args.config)?;
     let node = cfg.prefill_node(&args.node)?.clone();
     super::set_threads(node.threads)?;
-    let loaded = cfg.model.load(true).context("loading the model")?;
+    let loaded = load_model(&cfg, "prefill", &args.node)?;
     let wm = WorkerModel { model: loaded.model, kv_dtype: cfg.model.kv_dtype()?, block_tokens: cfg.model.block_tokens };
     let rt = super::kvstore::runtime()?;
     rt.block_on(async {
@@ -65,7 +65,7 @@ pub fn run_decode(args: WorkerArgs) -> anyhow::Result<()> {
     let cfg = ClusterConfig::load(&args.config)?;
     let node = cfg.decode_node(&args.node)?.clone();
     super::set_threads(node.threads)?;
-    let loaded = cfg.model.load(true).context("loading the model")?;
+    let loaded = load_model(&cfg, "decode", &args.node)?;
     let (kv_dtype, block_tokens) = (cfg.model.kv_dtype()?, cfg.model.block_tokens);
     let rt = super::kvstore::runtime()?;
     rt.block_on(async {
@@ -80,6 +80,18 @@ pub fn run_decode(args: WorkerArgs) -> anyhow::Result<()> {
         handle.shutdown().await;
         Ok(())
     })
+}
+
+/// Loads the model a worker serves, saying so when its compute is modeled
+/// (`[model] compute = "modeled"`): such a node never runs the real
+/// forward pass, and its operator must know.
+fn load_model(cfg: &ClusterConfig, role: &str, node: &str) -> anyhow::Result<tandem_model::engine::LoadedModel> {
+    let loaded = cfg.model.load(true).context("loading the model")?;
+    if let Some(m) = loaded.model.modeled_backend() {
+        eprintln!("{role} node {node}: {}", m.describe());
+        tracing::info!(node, profile = m.profile().name, kv_scale = m.kv_scale(), "modeled compute");
+    }
+    Ok(loaded)
 }
 
 /// With `[discovery]`, registers the node in etcd under a lease (the
