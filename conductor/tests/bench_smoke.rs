@@ -62,3 +62,81 @@ fn a_small_multi_turn_run_accounts_for_every_request_and_its_numbers_are_sane() 
     assert!(!cmp.status.success());
     assert!(String::from_utf8_lossy(&cmp.stderr).contains("schema version 99"));
 }
+
+/// The modeled trace replay, one request at a time, through a store small
+/// enough to evict: the block hit ratio the cluster measured must equal an
+/// offline replay of the same block sequence through the same eviction
+/// policy at the same capacity.
+#[test]
+fn a_sequential_modeled_replay_hits_exactly_what_the_offline_replay_of_its_policy_gives() {
+    use tandem_bench::harness::cluster::{Compute, Setup};
+    use tandem_bench::harness::{load, offline};
+
+    let trace = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/traces/synthetic_trace.jsonl");
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("replay.json");
+    // 64 tokens per trace block (lengths / 8) in blocks of 64: 32 KiB per
+    // modeled Llama-3-8B block (512 B per token after kv_scale 256), so
+    // 8 MiB holds 256 blocks. Seven of the first 125 requests reuse an
+    // earlier prompt's prefix (the trace's documents asked about again).
+    let (requests, store) = (125, "8MiB");
+    let out = tandem()
+        .args(["bench", "replay", "--trace", trace, "--compute", "modeled", "--concurrency", "1"])
+        .args(["--max-requests", &requests.to_string(), "--tokens-per-block", "64", "--block-tokens", "64"])
+        .args(["--output-scale", "0.05", "--store-dram", store, "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench replay failed: {stderr}");
+    let r = BenchResult::parse(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let run = &r.runs[0];
+    let n = &run.requests;
+    assert_eq!((n.sent, n.completed), (requests, requests), "every request answered: {stderr}");
+    for d in [&run.ttft_ms, &run.tbt_ms, &run.e2e_ms] {
+        assert!(d.p50 <= d.p90 && d.p90 <= d.p99 && d.p99 <= d.max, "percentiles out of order: {d:?}");
+    }
+    let c = &run.cache;
+    let offline = c.offline_hit_ratio_blocks.expect("a modeled disaggregated run has the offline figure");
+    assert!(c.cached_blocks > 0, "the trace's shared prefixes must hit: {c:?}");
+    assert!(
+        (c.hit_ratio_blocks - offline).abs() < 1e-12,
+        "measured block hit ratio {} ({} of {} blocks) != offline replay {offline}",
+        c.hit_ratio_blocks,
+        c.cached_blocks,
+        c.prompt_blocks
+    );
+
+    // The store was small enough to matter: unbounded, the same prompts
+    // would hit more.
+    let setup = Setup {
+        tandem: env!("CARGO_BIN_EXE_tandem").into(),
+        model: "smollm2".into(),
+        compute: Compute::Modeled { profile: "h100-llama3-8b".into(), kv_scale: 256 },
+        block_tokens: 64,
+        kv_dtype: "bf16".into(),
+        store_dram: "64GiB".into(),
+        eviction: None,
+        transport: "shm".into(),
+        kv_memory: "512MiB".into(),
+        prefix_reads: true,
+        chunk_tokens: None,
+        write_back: false,
+        slo_ttft_ms: 1e4,
+        slo_tbt_ms: 1e3,
+        keep: None,
+    };
+    let opts = tandem_kvstore::trace::TraceOptions::default();
+    let mut lines = tandem_kvstore::trace::load_trace(trace, &opts).unwrap();
+    lines.truncate(requests as usize);
+    let synth = tandem_bench::workload::Synth {
+        trace_block_tokens: 512,
+        block_tokens: 64,
+        output_scale: 0.05,
+        time_scale: 1.0,
+        vocab_lo: 256,
+        vocab_hi: 32_000,
+    };
+    let unbounded = offline::hit_ratio_blocks(&setup, &load::from_trace(&lines, &synth)).unwrap().unwrap();
+    assert!(unbounded > offline + 0.01, "eviction must have cost hits: unbounded {unbounded}, {store} {offline}");
+}

@@ -327,6 +327,99 @@ pub fn optimal(trace: &[TraceRequest], capacity_blocks: usize) -> PrefixHits {
     }
 }
 
+/// A request as the serving path meets the store: the keys of its
+/// prompt's full blocks, in order, how many leading ones prefill may
+/// reuse (every full block but one holding the last prompt token, which
+/// is always computed), and whether a decode node reads them back (not
+/// when the first token, which prefill samples, ends the request).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServedRequest {
+    pub keys: Vec<u64>,
+    pub reusable: usize,
+    pub read_back: bool,
+}
+
+/// How many blocks the decode node reads back per store call.
+pub const SERVED_FETCH_BATCH: usize = 16;
+
+/// Prefix hits of requests served one after another by a disaggregated
+/// cluster whose store holds `capacity_blocks` in DRAM and evicts by
+/// `policy`: the store's operations of the serving path, in its order.
+///
+/// 1. Prefill looks up the longest resident prefix of the reusable blocks
+///    (a lookup touches nothing) and reads it (a read touches each block,
+///    in order): those blocks are the request's hits.
+/// 2. It reserves every block it computes that the store lacks, in order,
+///    evicting a victim while the store is full (blocks already there are
+///    left alone), and publishes them together (an insert each, in order).
+/// 3. Unless the first token ended the request, the decode node reads
+///    every full block back in batches of [`SERVED_FETCH_BATCH`] (each
+///    resident block of a batch is touched; a batch with a missing block
+///    ends the reads).
+///
+/// When requests do not overlap in time (`tandem bench replay
+/// --concurrency 1`), the cluster's measured block hit ratio equals this
+/// replay's `hit_ratio` (`refs` counts reusable blocks): the check that the
+/// store does what its policy says on the served path.
+pub fn serve(requests: &[ServedRequest], capacity_blocks: usize, policy: PolicyKind) -> PrefixHits {
+    let mut tier = TierSim::new(policy, capacity_blocks);
+    let mut resident: HashSet<u64> = HashSet::new();
+    let mut seen: HashSet<u64> = HashSet::new();
+    let (mut refs, mut hits) = (0u64, 0u64);
+    for r in requests {
+        let reusable = r.reusable.min(r.keys.len());
+        refs += reusable as u64;
+        seen.extend(r.keys.iter().copied());
+        let hit = r.keys[..reusable].iter().take_while(|k| resident.contains(k)).count();
+        for k in &r.keys[..hit] {
+            tier.policy.touch(k);
+        }
+        hits += hit as u64;
+        let mut reserved: Vec<u64> = Vec::new();
+        for &k in &r.keys[hit..] {
+            if resident.contains(&k) || reserved.contains(&k) {
+                continue;
+            }
+            let mut room = resident.len() + reserved.len() < capacity_blocks;
+            while !room {
+                let Some(victim) = tier.policy.evict(&mut |_| true) else { break };
+                tier.policy.remove(&victim);
+                resident.remove(&victim);
+                room = resident.len() + reserved.len() < capacity_blocks;
+            }
+            if room {
+                reserved.push(k);
+            }
+        }
+        for k in reserved {
+            resident.insert(k);
+            tier.policy.insert(k);
+        }
+        let read_back = if r.read_back { &r.keys[..] } else { &[] };
+        for batch in read_back.chunks(SERVED_FETCH_BATCH) {
+            let mut whole = true;
+            for k in batch {
+                if resident.contains(k) {
+                    tier.policy.touch(k);
+                } else {
+                    whole = false;
+                }
+            }
+            if !whole {
+                break;
+            }
+        }
+    }
+    PrefixHits {
+        capacity_blocks: Some(capacity_blocks),
+        requests: requests.len() as u64,
+        refs,
+        unique_blocks: seen.len() as u64,
+        hits,
+        hit_ratio: ratio(hits, refs),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,5 +501,46 @@ mod tests {
         assert_eq!(c.dram_policy, PolicyKind::DEFAULT);
         assert_eq!(c.ssd, Some(SsdSimConfig { blocks: 40, policy: PolicyKind::Lru }));
         assert!(serde_json::from_str::<SimConfig>(r#"{"dram_blocks": 1, "ram": 2}"#).is_err());
+    }
+
+    fn served(keys: &[u64], reusable: usize) -> ServedRequest {
+        ServedRequest { keys: keys.to_vec(), reusable, read_back: true }
+    }
+
+    #[test]
+    fn served_requests_hit_their_reusable_prefix_and_reads_refresh() {
+        // Capacity 4, LRU. [0 1 2] (2 reusable), [0 1 3] hits 0 1, writes 3;
+        // the decode read-back touched 0 1 2 then 0 1 3: LRU order 2, 0, 1, 3.
+        // [5] evicts 2, so [0 1 2] hits 0 1 only (2 follows as a write).
+        let rs = [served(&[0, 1, 2], 2), served(&[0, 1, 3], 2), served(&[5], 0), served(&[0, 1, 2], 3)];
+        let r = serve(&rs, 4, PolicyKind::Lru);
+        assert_eq!((r.refs, r.hits, r.unique_blocks), (7, 4, 5));
+        let r = serve(&rs, 100, PolicyKind::Lru);
+        assert_eq!(r.hits, 5, "an unbounded store keeps 2 as well");
+    }
+
+    #[test]
+    fn the_decode_read_back_refreshes_blocks_prefill_only_found() {
+        // [9 1 2] misses on 9, so prefill neither reads nor rewrites 1 and
+        // 2; only the decode node's read-back refreshes them (and 9). Then
+        // [7 8] evicts 0 and 9 (read back) or 0 and 1 (not read back).
+        let mut rs = vec![served(&[0, 1, 2], 3), served(&[9, 1, 2], 3), served(&[7, 8], 0), served(&[9, 1, 2], 2)];
+        assert_eq!(serve(&rs, 4, PolicyKind::Lru).hits, 0);
+        rs[1].read_back = false;
+        assert_eq!(serve(&rs, 4, PolicyKind::Lru).hits, 1, "9 stays, 1 went");
+    }
+
+    #[test]
+    fn a_full_store_of_one_request_still_serves_the_next() {
+        // Capacity 2: a 3-block prompt stores its first two blocks and finds
+        // no room for the third (reservations evict published blocks only,
+        // never each other).
+        let rs = [served(&[1, 2, 3], 2), served(&[1, 2, 3], 2), served(&[9, 8], 1)];
+        for policy in PolicyKind::ALL {
+            let r = serve(&rs, 2, *policy);
+            assert_eq!(r.refs, 5, "{policy:?}");
+            assert!(r.hits <= 2, "{policy:?}: {r:?}");
+        }
+        assert_eq!(serve(&rs, 3, PolicyKind::Lru).hits, 2, "with room for the prompt, its prefix hits");
     }
 }

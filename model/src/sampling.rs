@@ -137,7 +137,7 @@ impl Sampler {
         // Candidates by descending logit (ties: lower id first).
         let cand = top_k_indices(logits, k);
         let max = logits[cand[0]];
-        let mut probs: Vec<f64> = cand.iter().map(|&i| (((logits[i] - max) / t) as f64).exp()).collect();
+        let mut probs: Vec<f64> = cand.iter().map(|&i| exp_or_zero(((logits[i] - max) / t) as f64)).collect();
         let total: f64 = probs.iter().sum();
         probs.iter_mut().for_each(|p| *p /= total);
         let mut keep = probs.len();
@@ -174,9 +174,21 @@ pub fn argmax(v: &[f32]) -> u32 {
     best as u32
 }
 
+/// `exp(x)`, with 0 for arguments whose exponential is 0 in f64 anyway:
+/// libm's underflow path for them is many times slower than a normal exp,
+/// and logits far below the maximum (masked vocabularies, cost-modeled
+/// workers) would hit it for nearly every token of the vocabulary.
+fn exp_or_zero(x: f64) -> f64 {
+    if x < -746.0 {
+        0.0
+    } else {
+        x.exp()
+    }
+}
+
 fn log_sum_exp(v: &[f32]) -> f32 {
     let max = v.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let s: f64 = v.iter().map(|&x| ((x - max) as f64).exp()).sum();
+    let s: f64 = v.iter().map(|&x| exp_or_zero((x - max) as f64)).sum();
     max + s.ln() as f32
 }
 
@@ -219,6 +231,21 @@ mod tests {
         let lp = out.logprob.unwrap();
         let z: f32 = [1.0f32, 3.0, 3.0, -1.0].iter().map(|x| x.exp()).sum();
         assert!((lp - (3.0f32.exp() / z).ln()).abs() < 1e-5);
+    }
+
+    #[test]
+    fn logits_far_below_the_maximum_weigh_nothing() {
+        let mut logits = vec![-1e9f32; 1000];
+        logits[7] = 2.0;
+        logits[9] = 1.0;
+        let out = sampler(0.0, 0, 1.0, 0).sample(&logits).unwrap();
+        let expect = -(1.0f64 + (-1.0f64).exp()).ln();
+        assert_eq!(out.token, 7);
+        assert!((f64::from(out.logprob.unwrap()) - expect).abs() < 1e-6, "{:?}", out.logprob);
+        assert_eq!(exp_or_zero(-746.5), 0.0);
+        assert_eq!(exp_or_zero(-700.0), (-700.0f64).exp(), "above the cut, exp itself");
+        let drawn = sampler(1.0, 0, 1.0, 3).sample(&logits).unwrap().token;
+        assert!(drawn == 7 || drawn == 9, "only the two finite candidates: {drawn}");
     }
 
     #[test]

@@ -29,6 +29,11 @@ pub struct Setup {
     pub kv_memory: String,
     /// Prefill nodes read cached prefixes (false: the cache-off baseline).
     pub prefix_reads: bool,
+    /// Token budget of one forward pass on every worker (None: the nodes'
+    /// default).
+    pub chunk_tokens: Option<u32>,
+    /// Decode nodes store the blocks that fill while they decode.
+    pub write_back: bool,
     pub slo_ttft_ms: f64,
     pub slo_tbt_ms: f64,
     /// Keep each run's cluster file and logs under this folder.
@@ -107,10 +112,11 @@ pub fn cluster_toml(s: &Setup, d: &Deployment, policy: &str, dir: &Path) -> anyh
         q(&shm_dir(dir).display().to_string()),
         q(&s.transport),
     );
+    let chunk = s.chunk_tokens.map_or(String::new(), |n| format!("chunk_tokens = {n}\n"));
     if !d.colocated {
         for i in 0..d.prefill {
             t += &format!(
-                "[[prefill]]\nname = \"prefill-{i}\"\nlisten = \"127.0.0.1:{}\"\nkv_memory = {}\nprefix_reads = {}\n\n",
+                "[[prefill]]\nname = \"prefill-{i}\"\nlisten = \"127.0.0.1:{}\"\nkv_memory = {}\nprefix_reads = {}\n{chunk}\n",
                 p(),
                 q(&s.kv_memory),
                 s.prefix_reads
@@ -120,9 +126,10 @@ pub fn cluster_toml(s: &Setup, d: &Deployment, policy: &str, dir: &Path) -> anyh
     for i in 0..d.decode {
         let local = if d.colocated && !s.prefix_reads { "local_cache = \"0B\"\n" } else { "" };
         t += &format!(
-            "[[decode]]\nname = \"decode-{i}\"\nlisten = \"127.0.0.1:{}\"\nkv_memory = {}\n{local}\n",
+            "[[decode]]\nname = \"decode-{i}\"\nlisten = \"127.0.0.1:{}\"\nkv_memory = {}\nwrite_back = {}\n{local}{chunk}\n",
             p(),
-            q(&s.kv_memory)
+            q(&s.kv_memory),
+            s.write_back
         );
     }
     Ok(t)
@@ -261,6 +268,8 @@ mod tests {
             transport: "shm".into(),
             kv_memory: "256MiB".into(),
             prefix_reads: true,
+            chunk_tokens: Some(8192),
+            write_back: false,
             slo_ttft_ms: 5000.0,
             slo_tbt_ms: 100.0,
             keep: None,

@@ -214,6 +214,20 @@ pub fn from_trace(trace: &[TraceRequest], synth: &Synth) -> Vec<Conversation> {
         .collect()
 }
 
+/// Cuts every prompt so that it and its output fit `max_tokens` tokens
+/// (at least one prompt token is kept); returns how many were cut.
+pub fn cap_prompts(conversations: &mut [Conversation], max_tokens: u32) -> usize {
+    let mut cut = 0;
+    for t in conversations.iter_mut().flat_map(|c| c.turns.iter_mut()) {
+        let keep = (max_tokens.saturating_sub(t.max_tokens) as usize).max(1);
+        if t.prompt.len() > keep {
+            t.prompt.truncate(keep);
+            cut += 1;
+        }
+    }
+    cut
+}
+
 /// Mean prompt and output lengths over all turns.
 pub fn mean_lengths(conversations: &[Conversation]) -> (f64, f64) {
     let turns: Vec<&Turn> = conversations.iter().flat_map(|c| &c.turns).collect();
@@ -286,5 +300,17 @@ mod tests {
         assert!(Lengths::parse("10-5").unwrap_err().contains("ascending"));
         assert!(Lengths::parse("x").unwrap_err().contains("token count"));
         assert_eq!(Lengths::parse("128-512").unwrap(), Lengths { min: 128, max: 512 });
+    }
+
+    #[test]
+    fn long_prompts_are_cut_to_fit_with_their_output() {
+        let turn = |n: usize, out: u32| Turn { prompt: (0..n as u32).collect(), max_tokens: out };
+        let mut conv =
+            vec![Conversation { start_ms: 0, turns: vec![turn(100, 10), turn(80, 30), turn(50, 200)], think_ms: 0 }];
+        assert_eq!(cap_prompts(&mut conv, 100), 3);
+        let lens: Vec<usize> = conv[0].turns.iter().map(|t| t.prompt.len()).collect();
+        assert_eq!(lens, [90, 70, 1], "prompt + output <= 100, at least one prompt token");
+        assert_eq!(conv[0].turns[0].prompt[..], (0..90).collect::<Vec<u32>>()[..], "the leading tokens are kept");
+        assert_eq!(cap_prompts(&mut conv, 100), 0, "nothing left to cut");
     }
 }

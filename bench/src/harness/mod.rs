@@ -5,12 +5,14 @@
 //! - [`load`] — trace and synthetic workloads (conversations of turns).
 //! - [`client`] — the streaming, timing client.
 //! - [`cluster`] — a cluster file per run and `tandem up` as a child.
+//! - [`offline`] — the hit ratio the store's policy should give the same prompts.
 //! - [`report`], [`plot`], [`compare`] — Markdown, SVG plots, deltas.
 
 pub mod client;
 pub mod cluster;
 pub mod compare;
 pub mod load;
+pub mod offline;
 pub mod plot;
 pub mod report;
 pub mod schema;
@@ -61,7 +63,10 @@ pub fn run_case(setup: &Setup, case: &Case, work: &[Conversation], timeout: Dura
     bar.finish_and_clear();
     cluster.stop();
     let nodes = summary::NodeCounters::delta(&before, &after);
-    let run = summary::summarise(case, setup, &samples, &nodes, wall);
+    let mut run = summary::summarise(case, setup, &samples, &nodes, wall);
+    if !case.deployment.colocated {
+        run.cache.offline_hit_ratio_blocks = offline::hit_ratio_blocks(setup, work)?;
+    }
     eprintln!(
         "[{}] {} completed, {} rejected, {} failed; TTFT mean {:.0} ms p99 {:.0} ms; goodput {:.2} req/s; hit ratio {:.3}",
         case.label,

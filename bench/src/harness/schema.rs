@@ -150,6 +150,13 @@ pub struct CacheStats {
     pub prompt_blocks: u64,
     pub cached_blocks: u64,
     pub hit_ratio_blocks: f64,
+    /// The block hit ratio of the same prompts replayed offline, one at a
+    /// time, through the store's eviction policy at its capacity (a run
+    /// that sends one request at a time measures exactly this); absent
+    /// where the harness cannot size the store's blocks (real compute) or
+    /// no store serves the run (colocated, cache off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offline_hit_ratio_blocks: Option<f64>,
 }
 
 /// How busy a node was over the run.

@@ -186,6 +186,12 @@ pub struct ClusterArgs {
     /// comparison.
     #[arg(long)]
     pub(crate) no_cache: bool,
+    /// Token budget of one forward pass on every worker: prompt chunks
+    /// (and, colocated, the decoding sequences) share it. Default: the
+    /// nodes' own (512) with real compute; 8192 modeled, vLLM's default
+    /// batch budget for an API server.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(16..=1_048_576))]
+    pub(crate) chunk_tokens: Option<u32>,
     /// TTFT SLO for goodput and attainment (also the conductor's).
     #[arg(long, default_value_t = 10_000.0)]
     pub(crate) slo_ttft_ms: f64,
@@ -225,6 +231,16 @@ pub struct ReplayArgs {
     /// Multiply arrival times (0.5: twice the request rate).
     #[arg(long, default_value_t = 1.0)]
     pub(crate) time_scale: f64,
+    /// Ignore the timestamps: N clients each send the next request when
+    /// their last one finished (closed loop; 1 replays strictly in order).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub(crate) concurrency: Option<u32>,
+    /// Cut longer prompts to this many tokens (trailing blocks dropped) so
+    /// they fit the served context with their output. Default: 131072
+    /// (the modeled models' context) minus the output with --compute
+    /// modeled; no cut with real compute.
+    #[arg(long, value_name = "TOKENS")]
+    pub(crate) max_input: Option<u32>,
     /// Multiply output lengths.
     #[arg(long, default_value_t = 1.0)]
     pub(crate) output_scale: f64,

@@ -14,9 +14,13 @@ use tandem_bench::workload::Synth;
 /// Synthesised token ids: clear of special tokens, inside any served vocabulary.
 const VOCAB: (u32, u32) = (256, 32_000);
 
+/// The context of the modeled models: replayed prompts are cut to fit it.
+const MODELED_CONTEXT: u32 = 131_072;
+
 const POLICIES: [&str; 6] = ["kv-centric", "random", "round-robin", "least-loaded", "cache-affinity", "colocated"];
 
-fn setup(c: &ClusterArgs) -> anyhow::Result<Setup> {
+/// `write_back`: decode nodes store the blocks that fill while decoding.
+fn setup(c: &ClusterArgs, write_back: bool) -> anyhow::Result<Setup> {
     let modeled = c.compute == "modeled";
     let compute =
         if modeled { Compute::Modeled { profile: c.profile.clone(), kv_scale: c.kv_scale } } else { Compute::Real };
@@ -36,6 +40,8 @@ fn setup(c: &ClusterArgs) -> anyhow::Result<Setup> {
         transport: c.transport.clone(),
         kv_memory: c.kv_memory.clone(),
         prefix_reads: !c.no_cache,
+        chunk_tokens: c.chunk_tokens.or(modeled.then_some(8192)),
+        write_back,
         slo_ttft_ms: c.slo_ttft_ms,
         slo_tbt_ms: c.slo_tbt_ms,
         keep: c.keep.clone(),
@@ -95,11 +101,11 @@ fn cases(c: &ClusterArgs, arrival: Arrival, suffix: &str) -> anyhow::Result<Vec<
 
 fn execute(
     c: &ClusterArgs,
+    setup: Setup,
     runs: Vec<(Case, Vec<Conversation>)>,
     workload: WorkloadInfo,
     default_name: &str,
 ) -> anyhow::Result<()> {
-    let setup = setup(c)?;
     let started_unix_s = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     let mut result = BenchResult {
         schema_version: SCHEMA_VERSION,
@@ -165,7 +171,9 @@ fn table(r: &BenchResult) -> String {
 
 pub fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     let c = &a.cluster;
-    let setup = setup(c)?;
+    // Synthesised tokens stand in for the trace's answers, so blocks that
+    // fill while decoding could never be hit again: decode write-back off.
+    let setup = setup(c, false)?;
     let opts = tandem_kvstore::trace::TraceOptions::default();
     let mut trace = tandem_kvstore::trace::load_trace(&a.trace, &opts)
         .with_context(|| format!("reading the trace {}", a.trace.display()))?;
@@ -188,6 +196,8 @@ pub fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     if work.is_empty() {
         bail!("no request of the trace is left to send");
     }
+    let max_input = a.max_input.or(matches!(setup.compute, Compute::Modeled { .. }).then_some(MODELED_CONTEXT));
+    let cut = max_input.map_or(0, |m| load::cap_prompts(&mut work, m));
     let span_s = work.last().map_or(0.0, |w| w.start_ms as f64 / 1000.0);
     let rate = if span_s > 0.0 { (work.len() - 1) as f64 / span_s } else { 0.0 };
     let (input, output) = load::mean_lengths(&work);
@@ -195,18 +205,26 @@ pub fn replay(a: ReplayArgs) -> anyhow::Result<()> {
     let info = WorkloadInfo {
         kind: "trace".into(),
         description: format!(
-            "trace {name}: {} requests, arrival times x{}, {} tokens per 512-token trace block, outputs x{} ({rate:.2} req/s)",
+            "trace {name}: {} requests, {}, {} tokens per 512-token trace block, outputs x{}{}; decode write-back off",
             work.len(),
-            a.time_scale,
+            match a.concurrency {
+                Some(n) => format!("closed loop with {n} client(s) (timestamps ignored)"),
+                None => format!("arrival times x{} ({rate:.2} req/s)", a.time_scale),
+            },
             synth.block_tokens,
-            a.output_scale
+            a.output_scale,
+            match (cut, max_input) {
+                (0, _) | (_, None) => String::new(),
+                (n, Some(m)) => format!(", {n} prompt(s) cut to fit {m} tokens with their output"),
+            }
         ),
         requests: work.len() as u64,
         input_tokens_mean: input,
         output_tokens_mean: output,
     };
-    let runs = cases(c, Arrival::Fixed { rate }, "")?.into_iter().map(|k| (k, work.clone())).collect();
-    execute(c, runs, info, "replay.json")
+    let arrival = a.concurrency.map_or(Arrival::Fixed { rate }, Arrival::Concurrency);
+    let runs = cases(c, arrival, "")?.into_iter().map(|k| (k, work.clone())).collect();
+    execute(c, setup, runs, info, "replay.json")
 }
 
 pub fn synthetic(a: RunArgs) -> anyhow::Result<()> {
@@ -264,7 +282,7 @@ pub fn synthetic(a: RunArgs) -> anyhow::Result<()> {
         input_tokens_mean: input,
         output_tokens_mean: output,
     };
-    execute(c, runs, info, "run.json")
+    execute(c, setup(c, true)?, runs, info, "run.json")
 }
 
 pub fn compare(a: CompareArgs) -> anyhow::Result<()> {
