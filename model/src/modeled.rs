@@ -566,9 +566,11 @@ mod tests {
 
     #[test]
     fn the_docs_show_the_current_table() {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/modeled-compute.md");
-        let doc = std::fs::read_to_string(&path).unwrap();
         let table = roofline_table(256);
-        assert!(doc.contains(&table), "docs/modeled-compute.md must contain:\n{table}");
+        for file in ["docs/modeled-compute.md", "README.md"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
+            let doc = std::fs::read_to_string(&path).unwrap();
+            assert!(doc.contains(&table), "{file} must contain:\n{table}");
+        }
     }
 }
