@@ -165,7 +165,7 @@ pub async fn fetch(store: Option<&StoreClient>, a: &mut Admission, block_bytes: 
 pub struct EngineStats {
     pub batch_size: AtomicU64,
     /// Tokens in the KV of the running batch (summed over its sequences),
-    /// as the next step starts.
+    /// as of the last step.
     pub context_tokens: AtomicU64,
     pub waiting: AtomicU64,
     pub free_pages: AtomicU64,
@@ -272,12 +272,17 @@ impl DecodeEngine {
     }
 
     fn publish(&self, waiting: &VecDeque<Admission>, running: &[Running]) {
+        self.publish_batch(running);
+        self.stats.waiting.store(waiting.len() as u64, Ordering::Relaxed);
+        self.stats.local_cache_blocks.store(self.local.len() as u64, Ordering::Relaxed);
+    }
+
+    /// The running batch's size, KV tokens and the pool's free pages.
+    fn publish_batch(&self, running: &[Running]) {
         let context: usize = running.iter().map(|r| r.seq.len()).sum();
         self.stats.batch_size.store(running.len() as u64, Ordering::Relaxed);
         self.stats.context_tokens.store(context as u64, Ordering::Relaxed);
-        self.stats.waiting.store(waiting.len() as u64, Ordering::Relaxed);
         self.stats.free_pages.store(self.cache.free_pages() as u64, Ordering::Relaxed);
-        self.stats.local_cache_blocks.store(self.local.len() as u64, Ordering::Relaxed);
     }
 
     fn block_tokens(&self) -> usize {
@@ -464,14 +469,19 @@ impl DecodeEngine {
                 return;
             }
         };
-        let mut logits = logits.into_iter();
+        // The forward pass returns one row per sequence that took tokens;
+        // a short result leaves the rest for the next step.
+        let took: Vec<(usize, Vec<f32>)> =
+            plan.iter().enumerate().filter(|(_, take)| **take > 0).map(|(i, _)| i).zip(logits).collect();
+        for &(i, _) in &took {
+            self.count_computed(&mut running[i], plan[i]);
+            self.publish_blocks(&mut running[i]);
+        }
+        // The status counts the KV behind a token before the token leaves.
+        self.publish_batch(running);
         let mut done = Vec::new();
-        for (i, (r, &take)) in running.iter_mut().zip(&plan).enumerate().filter(|(_, (_, take))| **take > 0) {
-            // The forward pass returns one row per sequence that took
-            // tokens; a short result leaves the rest for the next step.
-            let Some(logits) = logits.next() else { break };
-            self.count_computed(r, take);
-            self.publish_blocks(r);
+        for (i, logits) in took {
+            let r = &mut running[i];
             if r.seq.len() == r.a.tokens.len() && !self.next_token(r, &logits) {
                 done.push(i);
             }
