@@ -308,7 +308,7 @@ impl PrefillEngine {
             Ok(l) => l,
             Err(e) => {
                 for (i, _) in plan.iter().rev() {
-                    let mut a = active.swap_remove(*i);
+                    let mut a = active.remove(*i);
                     self.cache.release(std::mem::take(&mut a.seq));
                     let _ = a.job.reply.send(Err(format!("prefill failed: {e}")));
                 }
@@ -331,10 +331,13 @@ impl PrefillEngine {
                 finished.push((*i, logits));
             }
         }
-        // Highest index first so swap_remove leaves the others in place.
+        // Highest index first so each removal leaves the others' indices
+        // alone; `remove`, not `swap_remove`: the order of `active` is the
+        // order prompts get chunks in (first come, first served), which
+        // the conductor's queue-time predictions assume.
         finished.sort_by_key(|(i, _)| std::cmp::Reverse(*i));
         for (i, logits) in finished {
-            let a = active.swap_remove(i);
+            let a = active.remove(i);
             self.finish(a, &logits);
         }
     }

@@ -8,6 +8,7 @@ use tandem_model::deploy::ModelSection;
 use tandem_model::engine::{Engine, EngineOptions, Flow, Request};
 use tandem_model::forward::Model;
 use tandem_model::sampling::SamplingParams;
+use tandem_prefill::engine::{Job, PrefillEngine};
 use tandem_prefill::service::WorkerModel;
 use tandem_prefill::PrefillConfig;
 use tandem_proto::worker as pb;
@@ -148,4 +149,55 @@ async fn a_resumed_request_continues_its_sampler() {
     assert!(err.message().contains("sampler_step"), "{err}");
     drop(c);
     node.shutdown().await;
+}
+
+/// Four prompts queued at once and packed 48 tokens a pass finish in the
+/// order they came: the engine chunks prompts first come, first served,
+/// which the conductor's queue-time predictions assume (a prompt that
+/// finished must not hand its place to the newest one).
+#[test]
+fn queued_prompts_finish_in_arrival_order() {
+    let wm = worker_model();
+    let layout = Layout::new(&wm.model, wm.kv_dtype, wm.block_tokens, 64 << 20);
+    let vocab = layout.vocab;
+    let cache = layout.cache(&wm.model).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (jobs, rx) = crossbeam_channel::unbounded();
+    let mut waiters = Vec::new();
+    for n in 0..4u32 {
+        let (reply, done) = tokio::sync::oneshot::channel();
+        let mut prompt = tandem_decode::profile::synthetic_tokens(64, vocab);
+        prompt[0] = n; // four different prompts
+        let job = Job {
+            id: format!("r{n}"),
+            prompt,
+            sampling: SamplingParams::default(),
+            sampler_step: 0,
+            keys: vec![],
+            cached: vec![],
+            enqueued: Instant::now(),
+            reply,
+        };
+        jobs.send(job).unwrap();
+        waiters.push(std::thread::spawn(move || {
+            let prefilled = done.blocking_recv().expect("a reply").expect("prefilled");
+            (Instant::now(), prefilled.computed_tokens)
+        }));
+    }
+    drop(jobs);
+    let engine = PrefillEngine {
+        model: wm.model,
+        cache,
+        chunk_tokens: 48,
+        store: None,
+        rt: rt.handle().clone(),
+        stats: Default::default(),
+        jobs: rx,
+    };
+    engine.run();
+    let finished: Vec<(Instant, usize)> = waiters.into_iter().map(|w| w.join().unwrap()).collect();
+    assert!(finished.iter().all(|&(_, computed)| computed == 64));
+    let mut order: Vec<usize> = (0..4).collect();
+    order.sort_by_key(|&i| finished[i].0);
+    assert_eq!(order, [0, 1, 2, 3], "prompts must finish in arrival order");
 }
