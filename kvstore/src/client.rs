@@ -20,6 +20,7 @@ use tonic::transport::Channel;
 
 use crate::checksum::BlockChecksum;
 use crate::error::StoreError;
+use crate::grant::WriteGrant;
 use crate::transport::{
     connect, local_host_id, Faults, FaultyTransport, ReadOp, TransferError, Transport, TransportConfig, WriteOp,
 };
@@ -84,6 +85,8 @@ struct StagedSlot {
     /// `Stored` while the block is reserved and every write so far landed.
     outcome: PutOutcome,
     replicas: Vec<Replica>,
+    /// The write grant of each replica (same order), sent with its writes.
+    grants: Vec<Option<WriteGrant>>,
 }
 
 impl StagedPut {
@@ -259,11 +262,16 @@ impl StoreClient {
             let (key, len) = items[i];
             let status = pb::PutStatus::try_from(slot.status).unwrap_or(pb::PutStatus::Unspecified);
             let mut replicas = Vec::new();
+            let mut grants = Vec::new();
             let outcome = match status {
                 pb::PutStatus::Reserved => {
                     for p in &slot.placements {
-                        match wire::replica_from_pb(key, p.clone()) {
-                            Ok(r) if r.len == len && matches!(r.location, Location::Dram { .. }) => replicas.push(r),
+                        let grant = (!p.write_grant.is_empty()).then(|| WriteGrant::decode(&p.write_grant)).transpose();
+                        match (wire::replica_from_pb(key, p.clone()), grant) {
+                            (Ok(r), Ok(grant)) if r.len == len && matches!(r.location, Location::Dram { .. }) => {
+                                replicas.push(r);
+                                grants.push(grant);
+                            }
                             _ => {
                                 // Give the reservation back before failing the batch.
                                 let _ =
@@ -282,7 +290,7 @@ impl StoreClient {
                 pb::PutStatus::TooLarge => PutOutcome::Failed("block larger than the store accepts".into()),
                 pb::PutStatus::Unspecified => PutOutcome::Failed("unknown put status".into()),
             };
-            slots.push(StagedSlot { key, len, outcome, replicas });
+            slots.push(StagedSlot { key, len, outcome, replicas, grants });
         }
         Ok(StagedPut { put_id: reply.put_id, slots })
     }
@@ -309,13 +317,13 @@ impl StoreClient {
                 ));
                 continue;
             }
-            for r in &slot.replicas {
+            for (r, grant) in slot.replicas.iter().zip(&slot.grants) {
                 let Location::Dram { segment, offset } = r.location else { continue };
                 let dst = Location::Dram { segment, offset: offset + w.offset };
                 per_node
                     .entry((r.node.clone(), r.incarnation))
                     .or_default()
-                    .push((w.item, WriteOp { dst, src: w.bytes }));
+                    .push((w.item, WriteOp { dst, src: w.bytes, grant: *grant }));
             }
         }
         let sends = per_node.into_iter().map(|((node, incarnation), group)| async move {

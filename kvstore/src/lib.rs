@@ -11,6 +11,8 @@
 //! - [`trace`], [`sim`] — Mooncake traces and cache simulation over them.
 //! - [`master`] — the metadata service (placement, two-phase puts, leases,
 //!   tiering, replication, persistence); [`wire`] validates what arrives.
+//! - [`grant`] — write grants binding data-plane writes to the put that
+//!   reserved their range.
 //! - [`error`] — errors classified for callers (retry, invalid, miss).
 //! - [`node`] — a storage node process: segments, SSD tier, data server,
 //!   tiering commands, heartbeats.
@@ -21,6 +23,7 @@ pub mod checksum;
 pub mod client;
 pub mod config;
 pub mod error;
+pub mod grant;
 pub mod master;
 pub mod node;
 pub mod policy;

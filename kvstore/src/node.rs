@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::checksum::BlockChecksum;
 use crate::client::master_client;
 use crate::error::StoreError;
+use crate::grant::{GrantKey, GrantLedger, WriteGrant};
 use crate::segment::Segment;
 use crate::ssd::SsdTier;
 use crate::transport::{connect, local_host_id, DataServer, DataTarget, ReadOp, TransferError, TransportConfig};
@@ -103,6 +104,12 @@ impl StorageConfig {
 struct NodeData {
     segments: Vec<Arc<Segment>>,
     ssd: Option<SsdTier>,
+    /// Checks the grants of data-plane writes; the master has it too.
+    grant_key: GrantKey,
+    /// The newest grant written with over each range.
+    grants: parking_lot::Mutex<GrantLedger>,
+    /// Data-plane writes refused for want of a valid grant.
+    writes_denied: std::sync::atomic::AtomicU64,
 }
 
 impl DataTarget for NodeData {
@@ -119,6 +126,21 @@ impl DataTarget for NodeData {
             } else {
                 TransferError::Io(e.to_string())
             }
+        })
+    }
+
+    fn authorize_write(&self, segment: u32, offset: u64, len: u64, grant: Option<&[u8]>) -> Result<(), String> {
+        let now = crate::master::service::now_ms();
+        let checked = match grant {
+            None => Err(crate::grant::GrantError::Missing),
+            Some(g) => WriteGrant::decode(g).and_then(|g| {
+                g.check(&self.grant_key, segment, offset, len, now)?;
+                self.grants.lock().admit(&g, now)
+            }),
+        };
+        checked.map_err(|e| {
+            self.writes_denied.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            e.to_string()
         })
     }
 }
@@ -176,7 +198,13 @@ pub async fn start(cfg: StorageConfig) -> Result<NodeHandle, StoreError> {
         }
         _ => None,
     };
-    let data = Arc::new(NodeData { segments, ssd });
+    let data = Arc::new(NodeData {
+        segments,
+        ssd,
+        grant_key: GrantKey::random(),
+        grants: Default::default(),
+        writes_denied: Default::default(),
+    });
     let data_server = DataServer::bind(cfg.data_listen, data.clone(), Default::default())
         .await
         .map_err(|e| StoreError::Io(format!("binding data port {}: {e}", cfg.data_listen)))?;
@@ -259,6 +287,7 @@ async fn stay_registered(
                 endpoint: Some(wire::peer_to_pb(&peer, &control_addr.to_string())),
                 ssd_capacity: data.ssd.as_ref().map_or(0, |s| s.capacity_bytes()),
                 ssd_blocks,
+                grant_key: data.grant_key.as_bytes().to_vec(),
             };
             match master.clone().register_node(req).await {
                 Ok(reply) => {
@@ -424,6 +453,9 @@ impl StorageNode for NodeRpc {
                 blocks: ssd.len() as u64,
             });
         }
-        Ok(Response::new(pb::NodeStatsReply { tiers, counters: Default::default() }))
+        let mut counters: std::collections::HashMap<String, u64> =
+            self.data.ssd.iter().flat_map(|s| s.counters().snapshot()).map(|(k, v)| (k.to_owned(), v)).collect();
+        counters.insert("writes_denied".into(), self.data.writes_denied.load(std::sync::atomic::Ordering::Relaxed));
+        Ok(Response::new(pb::NodeStatsReply { tiers, counters }))
     }
 }

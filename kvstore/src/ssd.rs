@@ -48,7 +48,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::Mutex;
 use tandem_proto::BlockKey;
@@ -134,6 +134,35 @@ impl SsdEntry {
     }
 }
 
+/// What went wrong on a tier since it was opened (a storage node reports
+/// these with its stats).
+#[derive(Debug, Default)]
+pub struct SsdCounters {
+    /// Reads that found a block's file damaged (checksum mismatch, or
+    /// shorter than the block): the entry was dropped, the read a miss.
+    pub corrupt_blocks: AtomicU64,
+    /// Reads that found a block's file gone: the entry was dropped.
+    pub missing_blocks: AtomicU64,
+    /// Writes that failed on a disk fault (I/O error, index failure, or
+    /// the filesystem out of space); nothing of them was kept.
+    pub write_failures: AtomicU64,
+    /// Of `write_failures`, those that ran out of space (ENOSPC).
+    pub disk_full: AtomicU64,
+}
+
+impl SsdCounters {
+    /// `(name, value)` of each counter, as a storage node reports them in
+    /// its `NodeStats` counters.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        vec![
+            ("ssd_corrupt_blocks", self.corrupt_blocks.load(Ordering::Relaxed)),
+            ("ssd_missing_blocks", self.missing_blocks.load(Ordering::Relaxed)),
+            ("ssd_write_failures", self.write_failures.load(Ordering::Relaxed)),
+            ("ssd_disk_full", self.disk_full.load(Ordering::Relaxed)),
+        ]
+    }
+}
+
 /// A node's SSD tier: block files under `dir/blocks/`, indexed by rocksdb at
 /// `dir/index`. See the [module docs](self) for layout, crash safety and
 /// concurrency.
@@ -147,6 +176,7 @@ pub struct SsdTier {
     key_locks: KeyLocks,
     /// Cleared, once, when the filesystem rejects `O_DIRECT`.
     direct_io: AtomicBool,
+    counters: SsdCounters,
 }
 
 /// Entries and accounting, under [`SsdTier::state`]'s short lock.
@@ -216,6 +246,7 @@ impl SsdTier {
             index,
             state: Mutex::new(State { entries, used_bytes, reserved_bytes: 0 }),
             key_locks: KeyLocks::default(),
+            counters: SsdCounters::default(),
         })
     }
 
@@ -228,6 +259,20 @@ impl SsdTier {
     /// before the new file is complete keeps the old block, while a (rare)
     /// failure after it drops the old block too.
     pub fn write(&self, key: BlockKey, bytes: &[u8], checksum: BlockChecksum) -> Result<(), SsdError> {
+        let result = self.write_block(key, bytes, checksum);
+        if let Err(err) = &result {
+            if err.is_disk_fault() {
+                self.counters.write_failures.fetch_add(1, Ordering::Relaxed);
+                if matches!(err, SsdError::DiskFull { .. }) {
+                    self.counters.disk_full.fetch_add(1, Ordering::Relaxed);
+                }
+                warn!(error = %err, "ssd: block not stored (disk fault)");
+            }
+        }
+        result
+    }
+
+    fn write_block(&self, key: BlockKey, bytes: &[u8], checksum: BlockChecksum) -> Result<(), SsdError> {
         let len = bytes.len() as u64;
         let max = self.options.max_block_bytes;
         let too_large = || SsdError::TooLarge { key, len, max };
@@ -304,14 +349,17 @@ impl SsdTier {
         match read_block_file(&path, dst) {
             Ok(()) if record.checksum.verify(dst) => Ok(()),
             Ok(()) => {
+                self.counters.corrupt_blocks.fetch_add(1, Ordering::Relaxed);
                 self.drop_damaged(key, &path, "checksum mismatch");
                 Err(SsdError::Corrupt { key, path })
             }
             Err(err) if err.kind() == io::ErrorKind::UnexpectedEof => {
+                self.counters.corrupt_blocks.fetch_add(1, Ordering::Relaxed);
                 self.drop_damaged(key, &path, "file shorter than the block");
                 Err(SsdError::Corrupt { key, path })
             }
             Err(err) if err.kind() == io::ErrorKind::NotFound => {
+                self.counters.missing_blocks.fetch_add(1, Ordering::Relaxed);
                 self.drop_damaged(key, &path, "file missing");
                 Err(SsdError::NotFound { key, path })
             }
@@ -392,6 +440,11 @@ impl SsdTier {
         self.len() == 0
     }
 
+    /// Faults seen since the tier was opened.
+    pub fn counters(&self) -> &SsdCounters {
+        &self.counters
+    }
+
     /// The tier's directory.
     pub fn dir(&self) -> &Path {
         &self.dir
@@ -455,9 +508,7 @@ impl SsdTier {
             Ok(WriteMode::Direct | WriteMode::Buffered) => Ok(()),
             Err(source) => {
                 remove_quietly(temp);
-                let err = SsdError::block_io(key, "write", temp.to_path_buf(), source);
-                warn!(error = %err, "ssd: block write failed");
-                Err(err)
+                Err(SsdError::block_io(key, "write", temp.to_path_buf(), source))
             }
         }
     }

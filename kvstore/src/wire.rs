@@ -98,6 +98,7 @@ pub fn replica_to_pb(r: &Replica) -> pb::Replica {
         segment,
         offset,
         len: r.len,
+        write_grant: Vec::new(),
     }
 }
 

@@ -78,10 +78,21 @@ async fn malformed_requests_are_rejected_with_reasons() {
     assert!(r.entries.iter().all(|e| !e.found));
     assert_eq!(r.lease_id, 0, "no lease for misses");
 
-    // Puts of zero or absurd length, with no node at all: per-key answers.
-    let items = vec![pb::PutItem { key: 1, len: 0 }, pb::PutItem { key: 2, len: u64::MAX }];
+    // A put of zero length is a malformed request; an absurd length, with
+    // no node at all, is a per-key answer.
+    let items = vec![pb::PutItem { key: 1, len: 0 }, pb::PutItem { key: 2, len: 10 }];
+    let e = code(m.put_start(pb::PutStartRequest { items, ..Default::default() }).await);
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("length 0"), "{}", e.message());
+    let items = vec![pb::PutItem { key: 2, len: u64::MAX }];
     let r = m.put_start(pb::PutStartRequest { items, ..Default::default() }).await.unwrap().into_inner();
     assert!(r.slots.iter().all(|s| s.status == pb::PutStatus::TooLarge as i32));
+
+    // A node must hand over its 32-byte grant key.
+    let mut short = reg(Some(endpoint("a", "127.0.0.1:5")));
+    short.grant_key = vec![1; 16];
+    let e = code(m.register_node(short).await);
+    assert!(e.message().contains("grant_key is 16 bytes"), "{}", e.message());
 
     // Still serving, nothing leaked.
     let s = m.stats(pb::StatsRequest {}).await.unwrap().into_inner();

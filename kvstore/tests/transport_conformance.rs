@@ -131,7 +131,7 @@ fn dram(segment: u32, offset: u64) -> Location {
 }
 
 async fn write_all(t: &dyn Transport, blocks: &[(Location, Vec<u8>)]) -> Vec<Result<(), TransferError>> {
-    let ops: Vec<WriteOp<'_>> = blocks.iter().map(|(dst, src)| WriteOp { dst: *dst, src }).collect();
+    let ops: Vec<WriteOp<'_>> = blocks.iter().map(|(dst, src)| WriteOp { dst: *dst, src, grant: None }).collect();
     t.write(&ops).await
 }
 

@@ -229,7 +229,7 @@ async fn write_blocks(t: &ShmTransport, caller: &[u8], block: usize, per_batch: 
             .map(|src| {
                 let offset = index * block as u64;
                 index += 1;
-                WriteOp { dst: Location::Dram { segment: 0, offset }, src }
+                WriteOp { dst: Location::Dram { segment: 0, offset }, src, grant: None }
             })
             .collect();
         check(t.write(&ops).await)?;

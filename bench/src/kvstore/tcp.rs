@@ -216,7 +216,7 @@ async fn write_batch(t: &TcpTransport, caller: &[u8], block: usize) -> anyhow::R
     let ops: Vec<WriteOp<'_>> = caller
         .chunks_exact(block)
         .enumerate()
-        .map(|(i, src)| WriteOp { dst: Location::Dram { segment: 0, offset: (i * block) as u64 }, src })
+        .map(|(i, src)| WriteOp { dst: Location::Dram { segment: 0, offset: (i * block) as u64 }, src, grant: None })
         .collect();
     check(t.write(&ops).await)
 }

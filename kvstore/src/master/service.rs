@@ -20,6 +20,7 @@ use tonic::{Request, Response, Status};
 use super::persist::MetaStore;
 use super::state::{BlockRange, Command, MasterError, MasterState, PutSlot};
 use super::MasterConfig;
+use crate::grant::{GrantKey, GRANT_KEY_LEN};
 use crate::wire;
 
 /// Wall-clock milliseconds (ids and deadlines survive restarts with it).
@@ -108,7 +109,7 @@ pub async fn serve(cfg: MasterConfig) -> Result<MasterHandle, String> {
                 .map_err(|e| format!("opening metadata store: {e}"))??;
             MasterState::recover(cfg.clone(), store, now).map_err(|e| e.to_string())?
         }
-        None => MasterState::new(cfg.clone(), now),
+        None => MasterState::new(cfg.clone()),
     };
     let shared = Shared { state: Arc::new(Mutex::new(state)), nodes: Arc::default() };
     let listener =
@@ -270,10 +271,15 @@ impl Master for MasterRpc {
         wire::check_batch("ssd blocks", req.ssd_blocks.len(), 1 << 24)?;
         let blocks: Vec<(BlockKey, u64, u64)> =
             req.ssd_blocks.iter().map(|b| (BlockKey(b.key), b.len, b.checksum)).collect();
-        let name = peer.name.clone();
-        let reject = self
-            .shared
-            .with(|s| s.register_node(peer, control_addr.clone(), req.ssd_capacity, &blocks, now_ms()))??;
+        let grant_key = GrantKey::from_bytes(&req.grant_key).ok_or_else(|| {
+            Status::invalid_argument(format!("grant_key is {} bytes, it must be {GRANT_KEY_LEN}", req.grant_key.len()))
+        })?;
+        let (name, incarnation) = (peer.name.clone(), peer.incarnation);
+        let reject = self.shared.with(|s| {
+            let reject = s.register_node(peer, control_addr.clone(), req.ssd_capacity, &blocks, now_ms())?;
+            s.set_grant_key(&name, incarnation, grant_key);
+            Ok::<_, MasterError>(reject)
+        })??;
         if !reject.is_empty() {
             // The node's report disagreed with what the master holds: have it drop those files.
             let shared = self.shared.clone();
@@ -287,7 +293,10 @@ impl Master for MasterRpc {
 
     async fn heartbeat(&self, request: Request<pb::HeartbeatRequest>) -> Result<Response<pb::HeartbeatReply>, Status> {
         let req = request.into_inner();
-        let known = self.shared.with(|s| s.heartbeat(&req.node, req.incarnation, now_ms()))?;
+        // A node the master knows without its grant key (recovered from the
+        // metadata store) must register again to hand it over.
+        let known =
+            self.shared.with(|s| s.heartbeat(&req.node, req.incarnation, now_ms()) && s.has_grant_key(&req.node))?;
         Ok(Response::new(pb::HeartbeatReply { known }))
     }
 
@@ -296,13 +305,36 @@ impl Master for MasterRpc {
         wire::check_batch("items", req.items.len(), self.cfg.max_batch)?;
         let items: Vec<(BlockKey, u64)> = req.items.iter().map(|i| (BlockKey(i.key), i.len)).collect();
         let prefer = (!req.prefer_node.is_empty()).then_some(req.prefer_node.as_str());
-        let (put_id, slots) = self.shared.with(|s| s.put_start(&items, req.replicas, prefer, now_ms()))??;
+        let (put_id, slots) = self.shared.with(|s| {
+            let (put_id, slots) = s.put_start(&items, req.replicas, prefer, now_ms())?;
+            // Each placement carries the grant its node checks writes with.
+            let slots: Vec<(PutSlot, Vec<Vec<u8>>)> = slots
+                .into_iter()
+                .map(|slot| {
+                    let grants = match &slot {
+                        PutSlot::Reserved(p) => p
+                            .iter()
+                            .map(|r| s.write_grant(put_id, r).map(|g| g.encode().to_vec()).unwrap_or_default())
+                            .collect(),
+                        _ => Vec::new(),
+                    };
+                    (slot, grants)
+                })
+                .collect();
+            Ok::<_, MasterError>((put_id, slots))
+        })??;
         let slots = items
             .iter()
             .zip(slots)
-            .map(|(&(key, _), slot)| {
+            .map(|(&(key, _), (slot, grants))| {
                 let (status, placements) = match slot {
-                    PutSlot::Reserved(p) => (pb::PutStatus::Reserved, p.iter().map(wire::replica_to_pb).collect()),
+                    PutSlot::Reserved(p) => (
+                        pb::PutStatus::Reserved,
+                        p.iter()
+                            .zip(grants)
+                            .map(|(r, write_grant)| pb::Replica { write_grant, ..wire::replica_to_pb(r) })
+                            .collect(),
+                    ),
                     PutSlot::Exists => (pb::PutStatus::Exists, Vec::new()),
                     PutSlot::InProgress => (pb::PutStatus::InProgress, Vec::new()),
                     PutSlot::NoSpace => (pb::PutStatus::NoSpace, Vec::new()),

@@ -16,6 +16,7 @@ use tandem_proto::BlockKey;
 use super::alloc::RangeAllocator;
 use super::persist::MetaStore;
 use super::MasterConfig;
+use crate::grant::{GrantKey, WriteGrant};
 use crate::policy::EvictionPolicy;
 use crate::types::{Location, PeerInfo, Replica, Tier};
 
@@ -135,7 +136,13 @@ struct NodeState {
     ssd_used: u64,
     /// DRAM bytes whose demotion is in flight (freed when it completes).
     demoting: u64,
+    /// Backs off demotions to a node whose SSD writes fail (a full or
+    /// broken disk), instead of retrying them every tick.
+    demote_backoff: tiering::Backoff,
     last_heartbeat_ms: u64,
+    /// The key this incarnation checks write grants with; `None` for a node
+    /// recovered from the metadata store until it registers again.
+    grant_key: Option<GrantKey>,
     dram: Box<dyn EvictionPolicy<BlockKey>>,
     ssd: Box<dyn EvictionPolicy<BlockKey>>,
 }
@@ -192,6 +199,8 @@ struct Lease {
 struct Put {
     keys: Vec<BlockKey>,
     deadline_ms: u64,
+    /// Orders this put's write grants after those of earlier puts.
+    grant_seq: u64,
 }
 
 /// Usage of one tier of one node.
@@ -243,7 +252,8 @@ pub struct MasterState {
     objects: HashMap<BlockKey, Object>,
     puts: HashMap<u64, Put>,
     leases: HashMap<u64, Lease>,
-    next_id: u64,
+    /// The last put's grant sequence number.
+    grant_seq: u64,
     counters: BTreeMap<&'static str, u64>,
     store: Option<MetaStore>,
     dirty_objects: HashSet<BlockKey>,
@@ -258,15 +268,14 @@ pub struct MasterState {
 
 impl MasterState {
     /// A master with no metadata store (nothing survives a restart).
-    pub fn new(cfg: MasterConfig, now_ms: u64) -> MasterState {
+    pub fn new(cfg: MasterConfig) -> MasterState {
         MasterState {
             cfg,
             nodes: BTreeMap::new(),
             objects: HashMap::new(),
             puts: HashMap::new(),
             leases: HashMap::new(),
-            // Ids from a previous life must not collide with new ones.
-            next_id: now_ms.max(1) << 16,
+            grant_seq: 0,
             counters: BTreeMap::new(),
             store: None,
             dirty_objects: HashSet::new(),
@@ -281,7 +290,7 @@ impl MasterState {
     /// found there get one node timeout from `now_ms` to heartbeat again.
     pub fn recover(cfg: MasterConfig, store: MetaStore, now_ms: u64) -> Result<MasterState, MasterError> {
         let (nodes, objects) = store.load().map_err(MasterError::Persist)?;
-        let mut state = MasterState::new(cfg, now_ms);
+        let mut state = MasterState::new(cfg);
         for n in nodes {
             state.add_node(n.peer, n.control_addr, n.ssd_capacity, now_ms);
         }
@@ -356,9 +365,16 @@ impl MasterState {
         *self.counters.entry(counter).or_insert(0) += by;
     }
 
+    /// A fresh put or lease id. Random, not sequential: an id is what
+    /// proves a client made the put (or holds the lease) it ends, so it
+    /// must not be guessable from the ids a client was given itself.
     fn new_id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
+        loop {
+            let id = rand::random::<u64>();
+            if id != 0 && !self.puts.contains_key(&id) && !self.leases.contains_key(&id) {
+                return id;
+            }
+        }
     }
 
     fn add_node(&mut self, peer: PeerInfo, control_addr: String, ssd_capacity: u64, now_ms: u64) {
@@ -371,7 +387,9 @@ impl MasterState {
             ssd_capacity,
             ssd_used: 0,
             demoting: 0,
+            demote_backoff: tiering::Backoff::default(),
             last_heartbeat_ms: now_ms,
+            grant_key: None,
             dram: self.cfg.policy.build(),
             ssd: self.cfg.policy.build(),
         };
@@ -483,6 +501,34 @@ impl MasterState {
         }
     }
 
+    /// Sets the key `node` (this incarnation) checks write grants with.
+    /// False if the node is not known with this incarnation.
+    pub fn set_grant_key(&mut self, node: &str, incarnation: u64, key: GrantKey) -> bool {
+        match self.nodes.get_mut(node) {
+            Some(n) if n.peer.incarnation == incarnation => {
+                n.grant_key = Some(key);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether `node` has given its grant key (a node recovered from the
+    /// metadata store has not, until it registers again).
+    pub fn has_grant_key(&self, node: &str) -> bool {
+        self.nodes.get(node).is_some_and(|n| n.grant_key.is_some())
+    }
+
+    /// The write grant for `placement`, a DRAM placement `put_start` made
+    /// for `put_id`; `None` when the put, the node or its key is unknown.
+    pub fn write_grant(&self, put_id: u64, placement: &Replica) -> Option<WriteGrant> {
+        let put = self.puts.get(&put_id)?;
+        let node = self.nodes.get(&placement.node).filter(|n| n.peer.incarnation == placement.incarnation)?;
+        let key = node.grant_key.as_ref()?;
+        let Location::Dram { segment, offset } = placement.location else { return None };
+        Some(WriteGrant::mint(key, put_id, put.grant_seq, (segment, offset, placement.len), put.deadline_ms))
+    }
+
     /// Forgets a node and every replica on it; objects left with no replica
     /// are gone.
     fn drop_node(&mut self, name: &str, why: &str) {
@@ -525,6 +571,9 @@ impl MasterState {
                 self.cfg.max_batch
             )));
         }
+        if let Some(&(key, _)) = items.iter().find(|(_, len)| *len == 0) {
+            return Err(MasterError::Invalid(format!("block {:016x} has length 0", key.0)));
+        }
         let want = if replicas == 0 { self.cfg.default_replicas } else { replicas.min(self.cfg.max_replicas) } as usize;
         let put_id = self.new_id();
         let mut slots = Vec::with_capacity(items.len());
@@ -540,7 +589,9 @@ impl MasterState {
                 continue;
             }
             let largest = self.nodes.values().map(NodeState::largest_segment).max().unwrap_or(0);
-            if len == 0 || len > self.cfg.max_block_bytes.as_u64() || len > largest {
+            // With no live node every block "fits nowhere": that is no
+            // space (retry later), not a block too large for the store.
+            if len > self.cfg.max_block_bytes.as_u64() || (!self.nodes.is_empty() && len > largest) {
                 slots.push(PutSlot::TooLarge);
                 continue;
             }
@@ -570,7 +621,11 @@ impl MasterState {
         }
         if !reserved.is_empty() {
             self.bump("puts_started", reserved.len() as u64);
-            self.puts.insert(put_id, Put { keys: reserved, deadline_ms: now_ms + self.cfg.put_timeout_ms });
+            // Increasing across restarts too (wall clock), so a node never
+            // takes a new put's grant for an older one.
+            self.grant_seq = (self.grant_seq + 1).max(now_ms.saturating_mul(1 << 20));
+            let put = Put { keys: reserved, deadline_ms: now_ms + self.cfg.put_timeout_ms, grant_seq: self.grant_seq };
+            self.puts.insert(put_id, put);
         }
         self.flush()?;
         Ok((put_id, slots))
@@ -918,7 +973,7 @@ impl MasterState {
             self.drop_node(&name, "missed heartbeats");
         }
         let mut commands = Vec::new();
-        self.plan_demotions(&mut commands);
+        self.plan_demotions(&mut commands, now_ms);
         self.plan_promotions(&mut commands);
         self.plan_replication(&mut commands);
         for (node, keys) in std::mem::take(&mut self.pending_drops) {

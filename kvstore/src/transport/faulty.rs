@@ -256,7 +256,7 @@ impl Transport for FaultyTransport {
                 if !plan.dropped[i] {
                     index.push(i);
                     let src = corrupted[i].as_deref().unwrap_or(op.src);
-                    forwarded.push(WriteOp { dst: op.dst, src });
+                    forwarded.push(WriteOp { dst: op.dst, src, grant: op.grant });
                 }
             }
             let mut inner = self.inner.write(&forwarded).await.into_iter();

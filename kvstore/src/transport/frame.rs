@@ -12,7 +12,7 @@
 //! |      0 |    4 | `magic`       | `b"TDKV"`; anything else is garbage and the peer is dropped   |
 //! |      4 |    2 | `version`     | [`VERSION`]; a mismatch is answered with `VersionMismatch`    |
 //! |      6 |    1 | `opcode`      | [`Opcode`]                                                    |
-//! |      7 |    1 | `flags`       | reserved, must be 0                                           |
+//! |      7 |    1 | `flags`       | [`FLAG_GRANT`] on a `WRITE`; otherwise 0                      |
 //! |      8 |    8 | `request_id`  | echoed in the reply; 0 is reserved for connection errors      |
 //! |     16 |    4 | `count`       | requests: ops of this batch still to come, this one included  |
 //! |     20 |    4 | `segment`     | DRAM segment id (`READ`, `WRITE`)                             |
@@ -30,6 +30,7 @@
 //! | `READ` (1)              | none               | `DATA` (0x81), `len` = block len   | the block          |
 //! | `READ_SSD` (2)          | none               | `DATA` (0x81)                      | the block          |
 //! | `WRITE` (3)             | the block (`len`)  | `WRITE_OK` (0x82)                  | none               |
+//! | `WRITE` + [`FLAG_GRANT`]| grant, then block  | `WRITE_OK` (0x82)                  | none               |
 //! | `RDMA_CONNECT` (4)      | client endpoint    | `RDMA_ACCEPT` (0x84)               | server endpoint    |
 //!
 //! Any request may instead be answered by `ERROR` (0xff) with a [`Status`]
@@ -45,11 +46,21 @@
 //! [`TransferError::Protocol`] at the client) and the connection stays in
 //! sync. `RDMA_CONNECT` is served only by servers built with feature `rdma`;
 //! others answer `Unsupported`.
+//!
+//! A `WRITE` with [`FLAG_GRANT`] carries the writer's
+//! [`crate::grant::WriteGrant`] ([`GRANT_LEN`] bytes) before the block, so
+//! `payload_len = GRANT_LEN + len`; the trailer covers both. The server
+//! checks the grant before a byte lands and refuses the write with `Denied`
+//! when the grant is missing (a storage node requires one), forged, expired
+//! or does not cover the range.
 
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::TransferError;
+pub use crate::grant::GRANT_LEN;
 
+/// `flags` bit of a `WRITE` whose payload starts with a write grant.
+pub const FLAG_GRANT: u8 = 0x01;
 /// First four bytes of every frame.
 pub const MAGIC: [u8; 4] = *b"TDKV";
 /// Protocol version spoken by this build.
@@ -131,6 +142,8 @@ pub enum Status {
     Io = 10,
     /// The server does not implement the request (e.g. RDMA not compiled in).
     Unsupported = 11,
+    /// The write is not covered by a valid grant (see [`FLAG_GRANT`]).
+    Denied = 12,
 }
 
 impl Status {
@@ -148,6 +161,7 @@ impl Status {
             9 => Status::TooManyOps,
             10 => Status::Io,
             11 => Status::Unsupported,
+            12 => Status::Denied,
             _ => Status::BadRequest,
         }
     }
@@ -166,7 +180,8 @@ impl Status {
             | Status::OutOfBounds
             | Status::UnknownSegment
             | Status::TooManyOps
-            | Status::Unsupported => TransferError::Rejected(format!("{self:?}: {message}")),
+            | Status::Unsupported
+            | Status::Denied => TransferError::Rejected(format!("{self:?}: {message}")),
         }
     }
 }

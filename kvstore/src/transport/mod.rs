@@ -22,6 +22,7 @@ use std::sync::{Arc, OnceLock};
 
 use tandem_proto::BlockKey;
 
+use crate::grant::WriteGrant;
 use crate::segment::Segment;
 use crate::types::{Location, PeerInfo};
 
@@ -62,6 +63,9 @@ pub struct WriteOp<'a> {
     pub dst: Location,
     /// The block's bytes.
     pub src: &'a [u8],
+    /// The grant `put_start` gave for the reserved range; sent by the tcp
+    /// transport (a storage node's data port refuses writes without one).
+    pub grant: Option<WriteGrant>,
 }
 
 /// Which implementation a transport is.
@@ -125,6 +129,15 @@ pub trait DataTarget: Send + Sync + 'static {
     /// length). Blocking file I/O: the server calls it on the blocking pool.
     /// [`TransferError::NotFound`] when the node has no such block.
     fn read_ssd(&self, key: BlockKey, dst: &mut [u8]) -> Result<(), TransferError>;
+
+    /// Whether a write of `len` bytes at `offset` of `segment`, carrying
+    /// the encoded `grant` (if any), may land; `Err(why)` refuses it before
+    /// a byte is written. The default takes every in-bounds write (test and
+    /// bench targets); a storage node checks the write's grant.
+    fn authorize_write(&self, segment: u32, offset: u64, len: u64, grant: Option<&[u8]>) -> Result<(), String> {
+        let _ = (segment, offset, len, grant);
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for dyn DataTarget {

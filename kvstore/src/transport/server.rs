@@ -25,7 +25,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 use tracing::Instrument;
 
 use super::frame::{
-    error_frame, FrameHeader, HeaderError, Opcode, PayloadHasher, Status, HEADER_LEN, IO_CHUNK, TRAILER_LEN,
+    error_frame, FrameHeader, HeaderError, Opcode, PayloadHasher, Status, FLAG_GRANT, GRANT_LEN, HEADER_LEN, IO_CHUNK,
+    TRAILER_LEN,
 };
 use super::{DataTarget, TcpConfig, TransferError};
 
@@ -189,6 +190,10 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut shutdown: 
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
                 tracing::debug!(error = %e, "client gone");
+                // A client that half-closed after a partial header still
+                // gets the replies to the requests before it (found by
+                // fuzzing: they sat in the write buffer and were dropped).
+                let _ = conn.flush().await;
                 return;
             }
             Err(_) => {
@@ -200,6 +205,8 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut shutdown: 
             Ok(header) => conn.handle(header).await,
             Err(HeaderError::BadMagic) => {
                 tracing::warn!("garbage on the data port: disconnecting");
+                // Requests before the garbage were valid: their replies go out.
+                let _ = conn.flush().await;
                 return;
             }
             Err(e @ HeaderError::VersionMismatch { .. }) => {
@@ -222,6 +229,9 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut shutdown: 
             }
             Err(e) => {
                 tracing::debug!(error = %e, "connection failed mid-frame");
+                // Replies to the requests before this frame still go out
+                // (best effort, bounded by `io_timeout_ms`).
+                let _ = conn.flush().await;
                 return;
             }
         }
@@ -261,6 +271,15 @@ struct Connection {
     shutdown: watch::Receiver<bool>,
 }
 
+/// Bytes of grant a request's payload starts with.
+fn grant_len(h: &FrameHeader) -> u64 {
+    if h.flags & FLAG_GRANT != 0 {
+        GRANT_LEN as u64
+    } else {
+        0
+    }
+}
+
 fn timed_out() -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, "data connection stalled")
 }
@@ -287,8 +306,13 @@ impl Connection {
         if len == 0 {
             return Ok(());
         }
-        let mut scratch = vec![0u8; IO_CHUNK.min(len as usize + TRAILER_LEN)];
-        let mut left = len + TRAILER_LEN as u64;
+        self.discard(len + TRAILER_LEN as u64).await
+    }
+
+    /// Reads and discards `len` bytes.
+    async fn discard(&mut self, len: u64) -> io::Result<()> {
+        let mut scratch = vec![0u8; IO_CHUNK.min(usize::try_from(len).unwrap_or(usize::MAX))];
+        let mut left = len;
         while left > 0 {
             let n = scratch.len().min(usize::try_from(left).unwrap_or(usize::MAX));
             self.read_exact(&mut scratch[..n]).await?;
@@ -302,7 +326,12 @@ impl Connection {
         if dst.is_empty() {
             return Ok(true);
         }
-        let mut hasher = PayloadHasher::default();
+        self.receive_rest(PayloadHasher::default(), dst).await
+    }
+
+    /// Receives the rest of a payload (what `hasher` has not seen yet) into
+    /// `dst`, then its trailer, and checks it.
+    async fn receive_rest(&mut self, mut hasher: PayloadHasher, dst: &mut [u8]) -> io::Result<bool> {
         for chunk in dst.chunks_mut(IO_CHUNK) {
             self.read_exact(chunk).await?;
             hasher.update(chunk);
@@ -337,8 +366,9 @@ impl Connection {
             let msg = format!("unknown opcode {:#04x}", h.opcode);
             return self.reply_error(h.request_id, Status::BadRequest, &msg).await.map(|()| Next::Close);
         };
-        if h.flags != 0 || h.request_id == 0 {
-            let msg = "nonzero flags or request id 0 in a request";
+        let flags_ok = h.flags == 0 || (op == Opcode::Write && h.flags == FLAG_GRANT);
+        if !flags_ok || h.request_id == 0 {
+            let msg = "unknown flags or request id 0 in a request";
             return self.reply_error(h.request_id, Status::BadRequest, msg).await.map(|()| Next::Close);
         }
         match op {
@@ -369,7 +399,7 @@ impl Connection {
             }
             Opcode::Read => self.serve_read(h).await.map(|()| Next::Continue),
             Opcode::ReadSsd => self.serve_read_ssd(h).await.map(|()| Next::Continue),
-            Opcode::Write if h.len != h.payload_len || h.payload_len > max_frame => {
+            Opcode::Write if h.len.checked_add(grant_len(&h)) != Some(h.payload_len) || h.payload_len > max_frame => {
                 let msg = format!("write of len {} with a payload of {} bytes", h.len, h.payload_len);
                 self.reply_error(h.request_id, Status::BadRequest, &msg).await.map(|()| Next::Close)
             }
@@ -423,10 +453,28 @@ impl Connection {
                 return self.reply_error(h.request_id, Status::OutOfBounds, &e.to_string()).await;
             }
         };
-        // The range was reserved for this writer by the master, so landing
-        // the bytes before the trailer is checked is fine: a mismatch fails
-        // the write and the writer never publishes the block.
-        if self.receive_payload(dst).await? {
+        let mut hasher = PayloadHasher::default();
+        let mut grant = [0u8; GRANT_LEN];
+        let granted = h.flags & FLAG_GRANT != 0;
+        if granted {
+            self.read_exact(&mut grant).await?;
+            hasher.update(&grant);
+        }
+        let target = self.shared.target.clone();
+        if let Err(why) = target.authorize_write(h.segment, h.offset, h.len, granted.then_some(&grant[..])) {
+            tracing::warn!(segment = h.segment, offset = h.offset, len = h.len, "refusing a write: {why}");
+            // What is left of the payload: the block (`handle` checked the
+            // lengths) and the trailer.
+            if h.payload_len > 0 {
+                self.discard(h.len + TRAILER_LEN as u64).await?;
+            }
+            return self.reply_error(h.request_id, Status::Denied, &why).await;
+        }
+        // The grant says the range is this writer's, so landing the bytes
+        // before the trailer is checked is fine: a mismatch fails the write
+        // and the writer never publishes the block.
+        let received = if granted { self.receive_rest(hasher, dst).await? } else { self.receive_payload(dst).await? };
+        if received {
             self.write_all(&FrameHeader::new(Opcode::WriteOk, h.request_id).encode()).await
         } else {
             self.reply_error(h.request_id, Status::Corrupt, "write payload checksum mismatch").await

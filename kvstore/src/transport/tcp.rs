@@ -26,7 +26,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpSocket;
 
 use super::frame::{
-    FrameHeader, HeaderError, Opcode, PayloadHasher, Status, HEADER_LEN, IO_CHUNK, MAX_ERROR_MESSAGE, TRAILER_LEN,
+    FrameHeader, HeaderError, Opcode, PayloadHasher, Status, FLAG_GRANT, GRANT_LEN, HEADER_LEN, IO_CHUNK,
+    MAX_ERROR_MESSAGE, TRAILER_LEN,
 };
 use super::{BoxFuture, ReadOp, TcpConfig, TransferError, Transport, TransportKind, WriteOp};
 use crate::types::Location;
@@ -218,7 +219,8 @@ impl TcpTransport {
         let timeout = self.op_timeout();
         // `on_stripe` hands out `&mut [T]`; a run of writes only reads its
         // ops, so it works on a copy of the (small) op descriptors.
-        let mut owned: Vec<WriteOp<'_>> = ops.iter().map(|op| WriteOp { dst: op.dst, src: op.src }).collect();
+        let mut owned: Vec<WriteOp<'_>> =
+            ops.iter().map(|op| WriteOp { dst: op.dst, src: op.src, grant: op.grant }).collect();
         let mut runs_futs = Vec::with_capacity(runs.len());
         let (mut ops_rest, mut slots_rest) = (owned.as_mut_slice(), slots.as_mut_slice());
         for (k, len) in runs.into_iter().enumerate() {
@@ -310,6 +312,10 @@ async fn timed<T>(t: Duration, fut: impl Future<Output = io::Result<T>>) -> Resu
 }
 
 fn request_header(op: Opcode, id: u64, count: usize, loc: Location, len: usize) -> [u8; HEADER_LEN] {
+    request(op, id, count, loc, len).encode()
+}
+
+fn request(op: Opcode, id: u64, count: usize, loc: Location, len: usize) -> FrameHeader {
     let mut h = FrameHeader::new(op, id);
     h.count = u32::try_from(count).unwrap_or(u32::MAX);
     h.len = len as u64;
@@ -323,7 +329,7 @@ fn request_header(op: Opcode, id: u64, count: usize, loc: Location, len: usize) 
     if op == Opcode::Write {
         h.payload_len = len as u64;
     }
-    h.encode()
+    h
 }
 
 /// Drives the sending and the receiving half of one pipelined exchange.
@@ -393,12 +399,21 @@ async fn write_exchange(
     let send = async {
         for (k, &i) in pending.iter().enumerate() {
             let op = &ops[i];
-            let h = request_header(Opcode::Write, base + i as u64, pending.len() - k, op.dst, op.src.len());
-            timed(timeout, writer.write_all(&h)).await?;
-            if op.src.is_empty() {
+            let mut h = request(Opcode::Write, base + i as u64, pending.len() - k, op.dst, op.src.len());
+            let grant = op.grant.map(|g| g.encode());
+            if grant.is_some() {
+                // The grant rides before the block (see `frame`).
+                h.flags |= FLAG_GRANT;
+                h.payload_len += GRANT_LEN as u64;
+            }
+            timed(timeout, writer.write_all(&h.encode())).await?;
+            let mut hasher = PayloadHasher::default();
+            if let Some(grant) = &grant {
+                hasher.update(grant);
+                timed(timeout, writer.write_all(grant)).await?;
+            } else if op.src.is_empty() {
                 continue;
             }
-            let mut hasher = PayloadHasher::default();
             for chunk in op.src.chunks(IO_CHUNK) {
                 hasher.update(chunk);
                 timed(timeout, writer.write_all(chunk)).await?;

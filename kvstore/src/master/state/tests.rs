@@ -28,7 +28,7 @@ fn cfg() -> MasterConfig {
 }
 
 fn master_with(nodes: &[(&str, u64, u64)]) -> MasterState {
-    let mut m = MasterState::new(cfg(), 1000);
+    let mut m = MasterState::new(cfg());
     for &(name, dram, ssd) in nodes {
         m.register_node(peer(name, 1, dram), format!("{name}:1"), ssd, &[], 1000).unwrap();
     }
@@ -82,8 +82,10 @@ fn stuck_puts_time_out_and_their_space_returns() {
 #[test]
 fn too_large_and_no_space_are_reported_per_key() {
     let mut m = master_with(&[("a", 2 * MIB, 0)]);
-    let (_, slots) = m.put_start(&[(BlockKey(1), 3 * MIB), (BlockKey(2), 0)], 0, None, 1000).unwrap();
+    let (_, slots) = m.put_start(&[(BlockKey(1), 3 * MIB), (BlockKey(2), u64::MAX)], 0, None, 1000).unwrap();
     assert_eq!(slots, vec![PutSlot::TooLarge, PutSlot::TooLarge]);
+    let err = m.put_start(&[(BlockKey(3), 10), (BlockKey(4), 0)], 0, None, 1000).unwrap_err();
+    assert!(err.to_string().contains("0000000000000004 has length 0"), "{err}");
     // Fill it with pending (unevictable) puts: the next one has no space.
     let (_, s) = m.put_start(&[(BlockKey(3), 2 * MIB)], 0, None, 1000).unwrap();
     assert!(matches!(s[0], PutSlot::Reserved(_)));
@@ -210,8 +212,49 @@ fn failed_demotion_keeps_the_dram_copy() {
 }
 
 #[test]
+fn demotions_to_a_failing_disk_back_off_until_one_succeeds() {
+    let mut m = master_with(&[("a", 10 * MIB, 100 * MIB)]);
+    for k in 1..=10 {
+        put(&mut m, k, MIB, 1000);
+    }
+    let demotes = |cmds: Vec<Command>| -> Vec<BlockKey> {
+        cmds.into_iter()
+            .filter_map(|c| match c {
+                Command::Demote { blocks, .. } => Some(blocks),
+                _ => None,
+            })
+            .flatten()
+            .map(|b| b.key)
+            .collect()
+    };
+    let mut now = 1000;
+    // Each failed round pauses demotions, from the next tick, twice as
+    // long as the one before: 100, 200, 400 ms.
+    for pause in [100, 200, 400] {
+        let keys = demotes(m.tick(now).unwrap());
+        assert!(!keys.is_empty(), "a round is due at {now}");
+        for k in keys {
+            m.demote_done("a", k, false).unwrap();
+        }
+        now += 1;
+        assert!(demotes(m.tick(now).unwrap()).is_empty(), "paused after a failed round");
+        assert!(demotes(m.tick(now + pause - 1).unwrap()).is_empty(), "paused until {}", now + pause);
+        now += pause;
+    }
+    // A round that works ends the backoff.
+    let keys = demotes(m.tick(now).unwrap());
+    for k in keys {
+        m.demote_done("a", k, true).unwrap();
+    }
+    for k in 11..=12 {
+        put(&mut m, k, MIB, now);
+    }
+    assert!(!demotes(m.tick(now + 1).unwrap()).is_empty(), "demotions resume at once");
+}
+
+#[test]
 fn hot_blocks_get_a_second_replica() {
-    let mut m = MasterState::new(MasterConfig { hot_threshold: 3, hot_replicas: 2, ..MasterConfig::default() }, 1000);
+    let mut m = MasterState::new(MasterConfig { hot_threshold: 3, hot_replicas: 2, ..MasterConfig::default() });
     for name in ["a", "b"] {
         m.register_node(peer(name, 1, 8 * MIB), format!("{name}:1"), 0, &[], 1000).unwrap();
     }

@@ -10,13 +10,58 @@ use crate::types::{Location, Replica, Tier};
 
 /// Bound on blocks one node is asked to move per tick.
 const MAX_MOVES_PER_TICK: usize = 256;
+/// First pause of demotions to a node after some of them failed ...
+const BACKOFF_FIRST_MS: u64 = 100;
+/// ... doubling with every round that fails again, up to this.
+const BACKOFF_MAX_MS: u64 = 10_000;
+
+/// Demotion failures of one node: a disk that is full or failing answers
+/// every demotion with an error, and retrying each tick would spend the
+/// node's disk and the log on nothing. Meanwhile DRAM above the watermark
+/// is freed the way it is without an SSD tier: puts evict by policy.
+#[derive(Debug, Default)]
+pub(super) struct Backoff {
+    /// Rounds in a row with a failed demotion.
+    failed_rounds: u32,
+    /// No demotions are planned before this.
+    retry_at_ms: u64,
+    /// What the demotions that finished since the last plan did.
+    saw_failure: bool,
+    saw_success: bool,
+}
+
+impl Backoff {
+    /// Takes in the outcomes since the last plan; whether to plan now.
+    fn ready(&mut self, node: &str, now_ms: u64) -> bool {
+        if self.saw_failure {
+            self.failed_rounds = self.failed_rounds.saturating_add(1);
+            let pause = BACKOFF_FIRST_MS.saturating_mul(1 << self.failed_rounds.min(16).saturating_sub(1));
+            let pause = pause.min(BACKOFF_MAX_MS);
+            self.retry_at_ms = now_ms + pause;
+            tracing::warn!(
+                node,
+                rounds = self.failed_rounds,
+                pause_ms = pause,
+                "demotions to SSD failed; pausing them"
+            );
+        } else if self.saw_success {
+            self.failed_rounds = 0;
+        }
+        (self.saw_failure, self.saw_success) = (false, false);
+        now_ms >= self.retry_at_ms
+    }
+}
 
 impl MasterState {
     /// Demotes policy victims of every node whose DRAM use (minus what is
     /// already being demoted) is above the high watermark, down to the low one.
-    pub(super) fn plan_demotions(&mut self, commands: &mut Vec<Command>) {
+    /// Nodes whose demotions failed are paused (see [`Backoff`]).
+    pub(super) fn plan_demotions(&mut self, commands: &mut Vec<Command>, now_ms: u64) {
         let names: Vec<String> = self.nodes.keys().cloned().collect();
         for name in names {
+            if !self.nodes.get_mut(&name).is_some_and(|n| n.demote_backoff.ready(&name, now_ms)) {
+                continue;
+            }
             let mut blocks = Vec::new();
             let mut dropped_copies = Vec::new();
             let over = |n: &super::NodeState, mark: f64| {
@@ -107,6 +152,11 @@ impl MasterState {
         let dram = o.replicas.iter().find(|r| r.replica.node == node && r.replica.tier() == Tier::Dram).cloned();
         if let Some(n) = self.nodes.get_mut(node) {
             n.demoting = n.demoting.saturating_sub(len);
+            if ok {
+                n.demote_backoff.saw_success = true;
+            } else {
+                n.demote_backoff.saw_failure = true;
+            }
         }
         let Some(n) = self.nodes.get_mut(node) else { return self.flush() };
         let incarnation = n.peer.incarnation;
