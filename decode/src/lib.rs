@@ -59,7 +59,8 @@ pub struct DecodeConfig {
     /// Share of the wall clock prefetch may take while sequences are
     /// decoding (1: unpaced). On CPU nodes block copies and checksums
     /// compete with the forward pass for cores; pacing keeps the running
-    /// batch's token rate steady at the cost of slower fetches.
+    /// batch's token rate steady at the cost of slower fetches. Ignored
+    /// (unpaced) with modeled compute, whose passes do not use the cores.
     pub prefetch_duty: f64,
     /// Time decode steps at start so the conductor can predict this node
     /// (off: `Profile` answers empty and the conductor uses its priors).

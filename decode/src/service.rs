@@ -96,7 +96,10 @@ pub async fn serve(
     stats.free_pages.store(num_pages as u64, Ordering::Relaxed);
     let draining = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::unbounded();
-    let pacer = Arc::new(Pacer::new(cfg.prefetch_duty, stats.clone()));
+    // Modeled forward passes wait on a clock instead of using the cores, so
+    // a fetch competes with nothing and pacing it would only delay joins.
+    let duty = if model.is_modeled() { 1.0 } else { cfg.prefetch_duty };
+    let pacer = Arc::new(Pacer::new(duty, stats.clone()));
     let mut engine = DecodeEngine {
         name: cfg.name.clone(),
         model,
