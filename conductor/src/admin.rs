@@ -97,11 +97,29 @@ impl AdminHandle {
 /// Binds `addr` (port 0 picks one) and serves the admin API of `conductor`
 /// there.
 pub async fn spawn(conductor: Arc<Conductor>, addr: SocketAddr) -> anyhow::Result<AdminHandle> {
+    let gate = admin_gate(conductor.clone());
     let svc = AdminServer::new(AdminService { c: conductor }).max_decoding_message_size(MAX_MESSAGE_BYTES);
+    let svc = tonic::service::interceptor::InterceptedService::new(svc, gate);
     let server = tandem_decode::wire::spawn_server("admin API", addr, tonic::service::Routes::new(svc))
         .await
         .map_err(anyhow::Error::msg)?;
     Ok(AdminHandle { server })
+}
+
+/// With API keys configured, every admin call needs `authorization:
+/// Bearer KEY` naming an admin key (see [`crate::auth`]).
+fn admin_gate(c: Arc<Conductor>) -> impl tonic::service::Interceptor + Clone + Send + Sync + 'static {
+    move |req: Request<()>| {
+        let presented = req.metadata().get("authorization").map(|v| v.as_encoded_bytes());
+        match c.keys.check_admin(presented) {
+            Ok(()) => Ok(req),
+            Err(crate::auth::Denied::NotAdmin) => {
+                Err(Status::permission_denied("this API key may not use the admin API (admin = false)"))
+            }
+            Err(crate::auth::Denied::Unauthenticated(why)) => Err(Status::unauthenticated(why)),
+            Err(crate::auth::Denied::Limited { message, .. }) => Err(Status::resource_exhausted(message)),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -412,7 +430,7 @@ impl Admin for AdminService {
     async fn cache_evict(&self, req: Request<pb::CacheEvictRequest>) -> Result<Response<pb::CacheEvictReply>, Status> {
         let r = req.into_inner();
         let store = self.store()?;
-        let salt = self.salt()?;
+        let salt = self.salt()?.for_tenant(&r.tenant);
         let tokens = self.tokens(PromptSpec { text: r.text, chat: r.chat, token_ids: r.token_ids }).await?;
         let bt = self.c.model.block_tokens as usize;
         let keys = block_keys(salt, &tokens, bt);
@@ -430,7 +448,7 @@ impl Admin for AdminService {
     ) -> Result<Response<pb::CacheLookupReply>, Status> {
         let r = req.into_inner();
         let store = self.store()?;
-        let salt = self.salt()?;
+        let salt = self.salt()?.for_tenant(&r.tenant);
         let tokens = self.tokens(PromptSpec { text: r.text, chat: r.chat, token_ids: r.token_ids }).await?;
         let bt = self.c.model.block_tokens;
         let keys = block_keys(salt, &tokens, bt as usize);

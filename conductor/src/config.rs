@@ -27,6 +27,11 @@ pub struct ConductorConfig {
     pub slo: SloConfig,
     /// Largest HTTP request body.
     pub max_body: ByteSize,
+    /// A client must send its request headers within this time (ms), or
+    /// the connection is closed (slow clients cannot hold connections).
+    pub header_timeout_ms: u64,
+    /// ... and its whole request body within this time (ms), or it gets 408.
+    pub body_timeout_ms: u64,
     /// Longest prompt in tokens (0: the model's context length).
     pub max_prompt_tokens: u32,
     /// Most tokens one request may generate.
@@ -48,6 +53,10 @@ pub struct ConductorConfig {
     pub stall_timeout_ms: u64,
     /// Seed of the random policy (decisions replay for a seed).
     pub seed: u64,
+    /// The API keys, resolved from the cluster file's `[auth]` (never read
+    /// from `[conductor]`). Empty: the APIs are open.
+    #[serde(skip)]
+    pub api_keys: Vec<crate::auth::KeySpec>,
 }
 
 /// How requests use the workers.
@@ -95,6 +104,8 @@ impl Default for ConductorConfig {
             policy: PolicyKind::KvCentric,
             slo: SloConfig::default(),
             max_body: ByteSize::mib(4),
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
             max_prompt_tokens: 0,
             max_tokens_limit: 4096,
             default_max_tokens: 512,
@@ -104,6 +115,7 @@ impl Default for ConductorConfig {
             retries: 2,
             stall_timeout_ms: 60_000,
             seed: 0,
+            api_keys: Vec::new(),
         }
     }
 }
@@ -134,6 +146,9 @@ impl ConductorConfig {
         }
         if c.status_interval_ms == 0 || c.node_timeout_ms < c.status_interval_ms {
             return Err("conductor.status_interval_ms must be ≥ 1 and node_timeout_ms at least as long".into());
+        }
+        if c.header_timeout_ms < 100 || c.body_timeout_ms < 100 {
+            return Err("conductor.header_timeout_ms and body_timeout_ms must be at least 100".into());
         }
         if c.stall_timeout_ms < 1000 {
             return Err("conductor.stall_timeout_ms must be at least 1000".into());

@@ -26,6 +26,8 @@ pub struct Submission {
     pub max_tokens: u32,
     pub sampling: pb::SamplingParams,
     pub stop_ids: Vec<u32>,
+    /// Whose cache it uses (its API key's tenant; empty: the default).
+    pub tenant: String,
 }
 
 /// What the caller receives.
@@ -106,7 +108,7 @@ impl Conductor {
             self.metrics.outcome(Outcome::Rejected);
             Rejection { status, message, retry_after_s }
         };
-        let cached_blocks = self.cached_prefix(&sub.prompt).await;
+        let cached_blocks = self.cached_prefix(&sub.prompt, &sub.tenant).await;
         let id = self.next_id();
         let now = self.now_ms();
         let mut st = self.state.lock();
@@ -196,11 +198,11 @@ impl Conductor {
     /// Blocks of the prompt's longest prefix in the store (0 without a
     /// store, before any node reported its model, or when the store is
     /// slow to answer: the hint only steers placement).
-    async fn cached_prefix(&self, prompt: &[u32]) -> u32 {
+    async fn cached_prefix(&self, prompt: &[u32], tenant: &str) -> u32 {
         let Some(store) = &self.store else { return 0 };
         let Some(fingerprint) = self.state.lock().fingerprint.clone() else { return 0 };
         let bt = self.model.block_tokens as usize;
-        let salt = tandem_proto::KeySalt::new(&fingerprint, &self.model.kv_dtype, bt);
+        let salt = tandem_proto::KeySalt::new(&fingerprint, &self.model.kv_dtype, bt).for_tenant(tenant);
         let keys = tandem_proto::block_keys(salt, prompt, bt);
         if keys.is_empty() {
             return 0;
@@ -331,6 +333,7 @@ impl Conductor {
             sampling: Some(sub.sampling),
             stop_ids: sub.stop_ids.clone(),
             sampler_step: generated.len() as u64,
+            tenant: sub.tenant.clone(),
         };
         let cached_blocks = if generated.is_empty() { ticket.cached_blocks } else { 0 };
         let stall = Duration::from_millis(self.cfg.stall_timeout_ms);

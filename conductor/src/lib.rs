@@ -8,6 +8,7 @@
 //!   `/ready`.
 //! - [`admin`] — the admin gRPC API `tandem ctl` talks to: nodes, drain,
 //!   requests in flight, the KV cache, policy and SLOs changed live.
+//! - [`auth`] — API keys: tenants, admin rights, per-key limits.
 //! - [`schedule`] — the scheduling policies (Mooncake's Algorithm 1 and
 //!   the baselines), pure and synchronous with the clock passed in.
 //! - [`discovery`] — optional etcd membership.
@@ -16,6 +17,7 @@
 
 pub mod admin;
 pub mod api;
+pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod discovery;

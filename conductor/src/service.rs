@@ -114,6 +114,8 @@ pub struct Conductor {
     pub prompt_total: AtomicU64,
     pub cached_total: AtomicU64,
     pub started: Instant,
+    /// The API keys and their live counters (see [`crate::auth`]).
+    pub keys: crate::auth::Keys,
 }
 
 /// A worker's status, by role.
@@ -158,7 +160,9 @@ impl Conductor {
         }
         let mut scheduler = Scheduler::new(cfg.policy, cfg.slo.into(), cfg.seed);
         scheduler.headroom = cfg.slo.headroom;
+        let keys = crate::auth::Keys::new(cfg.api_keys.clone());
         Ok(Arc::new(Conductor {
+            keys,
             cfg,
             model,
             store,

@@ -228,6 +228,7 @@ fn request(id: &str, prompt: Vec<u32>, max_tokens: u32) -> pb::GenerateRequest {
         sampling: Some(pb::SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: None }),
         stop_ids: vec![],
         sampler_step: 0,
+        tenant: String::new(),
     }
 }
 

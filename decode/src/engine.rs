@@ -93,6 +93,8 @@ pub struct Admission {
     /// Keys of the leading full blocks to read back (from the store for a
     /// handoff, from the local cache for a colocated request), in order.
     pub keys: Vec<BlockKey>,
+    /// The salt of its keys: the node's, for the request's tenant.
+    pub salt: KeySalt,
     /// The leading blocks read from the store.
     pub fetched: Vec<Vec<u8>>,
     /// The KV's last partial block (whole-page bytes; its first
@@ -366,7 +368,7 @@ impl DecodeEngine {
         let bt = self.block_tokens();
         let kv_len = r.seq.len();
         let full = kv_len / bt;
-        r.a.keys = block_keys(self.salt, &r.a.tokens[..full * bt], bt);
+        r.a.keys = block_keys(r.a.salt, &r.a.tokens[..full * bt], bt);
         r.a.partial_tokens = kv_len % bt;
         r.a.partial = if r.a.partial_tokens > 0 {
             r.seq
@@ -567,7 +569,7 @@ impl DecodeEngine {
             return;
         }
         if r.a.keys.len() < full {
-            r.a.keys = block_keys(self.salt, &r.a.tokens[..full * bt], bt);
+            r.a.keys = block_keys(r.a.salt, &r.a.tokens[..full * bt], bt);
         }
         let new = r.published..full;
         r.published = full;

@@ -202,7 +202,8 @@ impl Decode for DecodeService {
                 i.layout.block_bytes
             )));
         }
-        let keys = block_keys(i.layout.salt, &r.prompt, i.layout.block_tokens);
+        let salt = i.layout.salt.for_tenant(&r.tenant);
+        let keys = block_keys(salt, &r.prompt, i.layout.block_tokens);
         if keys.iter().map(|k| k.0).ne(h.block_keys.iter().copied()) {
             return Err(Status::invalid_argument("the handoff's block keys do not match its prompt"));
         }
@@ -243,6 +244,7 @@ impl Decode for DecodeService {
             stop_ids: r.stop_ids,
             sampler,
             keys: keys.into_iter().collect::<Vec<BlockKey>>(),
+            salt,
             fetched: Vec::new(),
             partial: h.partial_block,
             partial_tokens: h.partial_tokens as usize,
@@ -300,9 +302,11 @@ impl Decode for DecodeService {
             )));
         };
         let (out, events) = mpsc::unbounded_channel();
+        let salt = i.layout.salt.for_tenant(&r.tenant);
         let a = Admission {
             id: r.request_id,
-            keys: block_keys(i.layout.salt, &r.prompt, i.layout.block_tokens),
+            keys: block_keys(salt, &r.prompt, i.layout.block_tokens),
+            salt,
             prompt_len: r.prompt.len(),
             tokens: r.prompt,
             max_tokens: r.max_tokens as usize,

@@ -195,6 +195,7 @@ mod tests {
             sampling: None,
             stop_ids: stop,
             sampler_step: 0,
+            tenant: String::new(),
         };
         assert!(check_against_model(&r(vec![1, 2], vec![3]), 10, 100).is_ok());
         assert!(check_against_model(&r(vec![1, 10], vec![]), 10, 100).unwrap_err().contains("vocabulary"));

@@ -50,6 +50,7 @@ fn request(id: &str, prompt: Vec<u32>, max_tokens: u32) -> pb::GenerateRequest {
         sampling: Some(greedy()),
         stop_ids: vec![],
         sampler_step: 0,
+        tenant: String::new(),
     }
 }
 

@@ -34,6 +34,7 @@ fn handoff(layout: &Layout, prompt: Vec<u32>, max_tokens: u32) -> pb::Handoff {
             sampling: Some(pb::SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: None }),
             stop_ids: vec![],
             sampler_step: 0,
+            tenant: String::new(),
         }),
         model_fingerprint: layout.fingerprint.clone(),
         kv_dtype: layout.kv_dtype.name().into(),

@@ -241,7 +241,7 @@ impl Inner {
         pending: wire::Pending,
     ) -> Result<(), Status> {
         let enqueued = Instant::now();
-        let keys = block_keys(self.layout.salt, &r.prompt, self.layout.block_tokens);
+        let keys = block_keys(self.layout.salt.for_tenant(&r.tenant), &r.prompt, self.layout.block_tokens);
         // At least the prompt's last token is computed: its logits give the
         // first token.
         let usable = ((r.prompt.len() - 1) / self.layout.block_tokens).min(keys.len());

@@ -122,6 +122,7 @@ async fn run(prefill: std::net::SocketAddr, decode: std::net::SocketAddr, prompt
         sampling: Some(pb::SamplingParams { temperature: 0.7, top_k: 0, top_p: 0.9, seed: 5, logprobs: None }),
         stop_ids: vec![],
         sampler_step: 0,
+        tenant: String::new(),
     };
     let req = pb::PrefillRequest { request: Some(request), decode_addr: decode.to_string(), cached_blocks: 0 };
     let mut events = c.prefill(req).await.unwrap().into_inner();

@@ -114,6 +114,7 @@ async fn a_resumed_request_continues_its_sampler() {
             sampling: Some(tandem_decode::wire::sampling_to_pb(&sampling)),
             stop_ids: vec![],
             sampler_step: step,
+            tenant: String::new(),
         };
         async move {
             let req = pb::PrefillRequest { request: Some(request), decode_addr: String::new(), cached_blocks: 0 };
@@ -142,6 +143,7 @@ async fn a_resumed_request_continues_its_sampler() {
         sampling: Some(tandem_decode::wire::sampling_to_pb(&sampling)),
         stop_ids: vec![],
         sampler_step: prompt.len() as u64,
+        tenant: String::new(),
     };
     let req = pb::PrefillRequest { request: Some(bad), decode_addr: String::new(), cached_blocks: 0 };
     let err = c.prefill(req).await.unwrap_err();

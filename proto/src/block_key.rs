@@ -3,7 +3,8 @@
 //! `key[0] = H(salt, tokens[0..B])`, `key[i] = H(key[i-1], tokens[iB..(i+1)B])`
 //! with H = xxh3-64. The salt folds in everything that makes KV bytes differ
 //! for the same tokens (model fingerprint, KV dtype, block size), so equal
-//! keys mean interchangeable blocks.
+//! keys mean interchangeable blocks. [`KeySalt::for_tenant`] folds in a
+//! tenant, so tenants never share (or probe) each other's cached prefixes.
 
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -21,6 +22,19 @@ impl KeySalt {
     pub fn new(model_fingerprint: &str, kv_dtype: &str, block_tokens: usize) -> Self {
         let text = format!("tandem-kv-v1\0{model_fingerprint}\0{kv_dtype}\0{block_tokens}");
         KeySalt(xxh3_64_with_seed(text.as_bytes(), 0))
+    }
+
+    /// The salt of one tenant's blocks. The default tenant (empty) keeps
+    /// the salt as it is, so untenanted deployments keep their keys; any
+    /// other tenant gets a key space of its own. (Keys are 64-bit xxh3, not
+    /// a cryptographic hash: this separates honest tenants and stops a probe
+    /// with the same prompt, not a search for colliding token sequences.)
+    pub fn for_tenant(self, tenant: &str) -> KeySalt {
+        if tenant.is_empty() {
+            return self;
+        }
+        let text = format!("tandem-tenant-v1\0{tenant}");
+        KeySalt(xxh3_64_with_seed(text.as_bytes(), self.0))
     }
 }
 
@@ -72,5 +86,19 @@ mod tests {
         let k3 = block_keys(KeySalt::new("other", "f32", 4), &tokens, 4);
         assert_ne!(k1[0], k2[0]);
         assert_ne!(k1[0], k3[0]);
+    }
+
+    #[test]
+    fn tenants_get_separate_key_spaces_and_the_default_tenant_keeps_the_keys() {
+        let tokens: Vec<u32> = (0..8).collect();
+        let salt = KeySalt::new("m", "f32", 4);
+        assert_eq!(salt.for_tenant(""), salt, "untenanted keys do not change");
+        let (a, b) = (salt.for_tenant("acme"), salt.for_tenant("globex"));
+        let keys = |s| block_keys(s, &tokens, 4);
+        assert_eq!(keys(a), keys(salt.for_tenant("acme")));
+        for (x, y) in [(a, b), (a, salt), (b, salt)] {
+            let (kx, ky) = (keys(x), keys(y));
+            assert!(kx.iter().all(|k| !ky.contains(k)), "no key is shared across tenants");
+        }
     }
 }

@@ -11,6 +11,8 @@ pub const MAX_REQUEST_ID_BYTES: usize = 128;
 pub const MAX_PROMPT_TOKENS: usize = 1 << 20;
 /// Most stop token ids in one request.
 pub const MAX_STOP_IDS: usize = 64;
+/// Longest tenant name.
+pub const MAX_TENANT_BYTES: usize = 64;
 /// Largest gRPC message a worker accepts (a handoff carries one block).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 
@@ -18,6 +20,9 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 pub fn validate_request(r: &pb::GenerateRequest) -> Result<(), String> {
     if r.request_id.len() > MAX_REQUEST_ID_BYTES {
         return Err(format!("request_id is {} bytes; the limit is {MAX_REQUEST_ID_BYTES}", r.request_id.len()));
+    }
+    if r.tenant.len() > MAX_TENANT_BYTES {
+        return Err(format!("tenant is {} bytes; the limit is {MAX_TENANT_BYTES}", r.tenant.len()));
     }
     if r.prompt.is_empty() {
         return Err("the prompt is empty".into());
@@ -103,6 +108,7 @@ mod tests {
             sampling: Some(pb::SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: None }),
             stop_ids: vec![],
             sampler_step: 0,
+            tenant: String::new(),
         }
     }
 
@@ -154,6 +160,11 @@ mod tests {
         validate_request(&r).unwrap();
         r.sampler_step = 3;
         assert!(validate_request(&r).unwrap_err().contains("sampler_step"));
+        r = request(vec![1]);
+        r.tenant = "t".repeat(MAX_TENANT_BYTES);
+        validate_request(&r).unwrap();
+        r.tenant.push('t');
+        assert!(validate_request(&r).unwrap_err().contains("tenant"));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Tandem's contracts between nodes and the validated domain types behind
 //! them.
 //!
+//! - [`auth`] — constant-time comparison of secrets (SHA-256 digests).
 //! - [`admin`] — the conductor's admin API (`tandem.admin.v1`), which
 //!   `tandem ctl` talks to.
 //! - [`block_key`] — prefix-chained block keys (DESIGN.md §2): equal keys
@@ -10,6 +11,7 @@
 //! - [`worker`] — the prefill and decode services and the handoff between
 //!   them (`tandem.worker.v1`).
 
+pub mod auth;
 pub mod block_key;
 pub mod handoff;
 

@@ -229,6 +229,7 @@ impl PrefillNode {
             sampling: Some(pb::SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0, seed: 0, logprobs: None }),
             stop_ids: Vec::new(),
             sampler_step: 0,
+            tenant: String::new(),
         };
         let req = pb::PrefillRequest { request: Some(request), decode_addr: String::new(), cached_blocks: 0 };
         let mut client = self.client.clone();

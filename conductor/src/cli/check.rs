@@ -33,6 +33,14 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         c.slo.ttft_ms,
         c.slo.tbt_ms
     );
+    let keys = &cfg.conductor.api_keys;
+    if keys.is_empty() {
+        println!("auth      off (no API keys: the HTTP and admin APIs are open)");
+    } else {
+        let admin = keys.iter().filter(|k| k.admin).count();
+        let tenants: std::collections::BTreeSet<&str> = keys.iter().map(|k| k.tenant.as_str()).collect();
+        println!("auth      on: {} API keys ({admin} admin), {} tenants", keys.len(), tenants.len());
+    }
     if cfg.discovery.enabled() {
         println!("discovery etcd {} (prefix {})", cfg.discovery.etcd.join(", "), cfg.discovery.prefix);
     }

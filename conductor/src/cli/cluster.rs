@@ -2,6 +2,7 @@
 //! process reads the whole file, validates all of it and runs the part its
 //! `--node` names.
 
+use crate::auth::AuthConfig;
 use crate::config::ConductorConfig;
 use crate::discovery::DiscoveryConfig;
 use anyhow::{bail, Context};
@@ -26,6 +27,8 @@ pub struct ClusterConfig {
     pub decode: Vec<DecodeConfig>,
     pub conductor: ConductorConfig,
     pub discovery: DiscoveryConfig,
+    /// API keys (secrets come from the environment).
+    pub auth: AuthConfig,
 }
 
 impl ClusterConfig {
@@ -42,6 +45,10 @@ impl ClusterConfig {
         cfg.model = cfg.model.relative_to(base);
         cfg.kvstore = cfg.kvstore.resolve().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.conductor.api_keys = cfg
+            .auth
+            .resolve(|name| std::env::var(name).ok())
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(cfg)
     }
 

@@ -44,6 +44,10 @@ pub struct CtlArgs {
     /// Print one JSON document instead of a table.
     #[arg(long, global = true)]
     json: bool,
+    /// An admin API key (`[[auth.api_keys]]` with `admin = true`), needed
+    /// when the conductor has API keys.
+    #[arg(long, env = "TANDEM_API_KEY", global = true, value_name = "KEY", hide_env_values = true)]
+    api_key: Option<String>,
     #[command(subcommand)]
     command: CtlCommand,
 }
@@ -108,6 +112,9 @@ struct PromptArgs {
     /// The prompt as token ids (comma-separated).
     #[arg(long, value_delimiter = ',', num_args = 1..)]
     tokens: Vec<u32>,
+    /// Whose cache (an API key's tenant; default: the default tenant).
+    #[arg(long, default_value = "")]
+    tenant: String,
 }
 
 #[derive(Debug, Subcommand)]
@@ -142,7 +149,7 @@ pub fn run(args: CtlArgs) -> anyhow::Result<()> {
     let addr = admin_addr(&args)?;
     let rt = super::kvstore::runtime()?;
     rt.block_on(async {
-        let mut ctl = Ctl { client: connect(&addr).await?, addr, json: args.json };
+        let mut ctl = Ctl { client: connect(&addr, args.api_key.as_deref()).await?, addr, json: args.json };
         match args.command {
             CtlCommand::Nodes => ctl.nodes().await,
             CtlCommand::Drain { node } => ctl.drain(node, true).await,
@@ -199,7 +206,28 @@ fn chain(e: &dyn std::error::Error) -> String {
     out
 }
 
-async fn connect(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
+/// Adds `authorization: Bearer KEY` to every admin call.
+#[derive(Debug, Clone)]
+struct BearerKey(Option<tonic::metadata::AsciiMetadataValue>);
+
+impl tonic::service::Interceptor for BearerKey {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type AdminChannel = tonic::service::interceptor::InterceptedService<Channel, BearerKey>;
+
+async fn connect(addr: &str, api_key: Option<&str>) -> anyhow::Result<AdminClient<AdminChannel>> {
+    let bearer = match api_key.map(str::trim).filter(|k| !k.is_empty()) {
+        Some(k) => Some(
+            format!("Bearer {k}").parse().map_err(|_| anyhow!("the API key must be printable ASCII without spaces"))?,
+        ),
+        None => None,
+    };
     let endpoint = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|_| anyhow!("{addr:?} is not an admin API address (host:port)"))?
         .connect_timeout(CONNECT_TIMEOUT)
@@ -208,12 +236,12 @@ async fn connect(addr: &str) -> anyhow::Result<AdminClient<Channel>> {
         .connect()
         .await
         .map_err(|e| anyhow!("cannot reach the conductor's admin API at {addr}: {}", chain(&e)))?;
-    Ok(AdminClient::new(channel))
+    Ok(AdminClient::new(AdminChannel::new(channel, BearerKey(bearer))))
 }
 
 /// A connected admin client and how to print.
 struct Ctl {
-    client: AdminClient<Channel>,
+    client: AdminClient<AdminChannel>,
     addr: String,
     json: bool,
 }
@@ -233,6 +261,7 @@ impl Ctl {
             Code::Cancelled | Code::DeadlineExceeded if s.message().is_empty() => {
                 anyhow!("the conductor at {} did not answer within {CALL_TIMEOUT:?}", self.addr)
             }
+            Code::Unauthenticated => anyhow!("{} (pass an admin key: --api-key KEY or TANDEM_API_KEY)", s.message()),
             _ if s.message().is_empty() => anyhow!("the admin call failed: {:?}", s.code()),
             _ => anyhow!("{}", s.message()),
         }
@@ -294,7 +323,12 @@ impl Ctl {
     }
 
     async fn cache_lookup(&mut self, p: PromptArgs) -> anyhow::Result<()> {
-        let req = pb::CacheLookupRequest { text: p.text.unwrap_or_default(), chat: p.chat, token_ids: p.tokens };
+        let req = pb::CacheLookupRequest {
+            text: p.text.unwrap_or_default(),
+            chat: p.chat,
+            token_ids: p.tokens,
+            tenant: p.tenant,
+        };
         let r = self.client.cache_lookup(req).await.map_err(|e| self.error(e))?.into_inner();
         if self.json {
             return self.print(&json!({
@@ -320,7 +354,12 @@ impl Ctl {
     }
 
     async fn cache_evict(&mut self, p: PromptArgs) -> anyhow::Result<()> {
-        let req = pb::CacheEvictRequest { text: p.text.unwrap_or_default(), chat: p.chat, token_ids: p.tokens };
+        let req = pb::CacheEvictRequest {
+            text: p.text.unwrap_or_default(),
+            chat: p.chat,
+            token_ids: p.tokens,
+            tenant: p.tenant,
+        };
         let r = self.client.cache_evict(req).await.map_err(|e| self.error(e))?.into_inner();
         if self.json {
             return self.print(&json!({ "tokens": r.tokens, "blocks": r.blocks, "removed": r.removed }));

@@ -55,6 +55,7 @@ pub fn run(
         sampling: Some(wire::sampling_to_pb(sampling)),
         stop_ids,
         sampler_step: 0,
+        tenant: String::new(),
     };
     let req = pb::PrefillRequest { request: Some(request), decode_addr: decode.listen.to_string(), cached_blocks: 0 };
     let addr = prefill.listen;
