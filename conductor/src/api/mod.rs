@@ -6,27 +6,30 @@
 //! bodies, prompts and `max_tokens` are bounded; a client that disconnects
 //! cancels its request on every node.
 
+pub mod keys;
 pub mod openai;
+pub mod server;
 
 use crate::dispatch::{Event, Submission};
 use crate::service::Conductor;
 use crate::text::{find_stop, held_back};
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::sse::{KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
+use keys::Tenant;
 use openai::{ApiError, ChatRequest, CompletionRequest, Knobs, Prompt, TokenLogprob};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tandem_proto::worker as pb;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::StreamExt;
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
@@ -47,6 +50,7 @@ pub fn router(c: Arc<Conductor>) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/models/{id}", get(model))
+        .route_layer(axum::middleware::from_fn_with_state(c.clone(), keys::require_key))
         .route("/metrics", get(metrics))
         .route("/health", get(|| async { Json(json!({ "status": "ok" })) }))
         .route("/ready", get(ready))
@@ -59,13 +63,62 @@ fn unix_now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-fn parse<T: serde::de::DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
-    let body = body.map_err(|e| {
-        let status = e.status().as_u16();
-        let message = if status == 413 { "the request body is too large".to_string() } else { e.body_text() };
-        ApiError::new(status, "invalid_request_error", message)
-    })?;
-    serde_json::from_slice(&body).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}"), "body"))
+/// Reads and parses a JSON request body: at most `max_body` bytes, all of
+/// it within `body_timeout_ms` (a client trickling its body gets 408
+/// instead of holding the request open), and a parse error names the
+/// field that failed.
+async fn read_json<T: serde::de::DeserializeOwned>(c: &Conductor, body: Body) -> Result<T, ApiError> {
+    let limit = c.cfg.max_body.as_u64() as usize;
+    let read = async {
+        let mut data = body.into_data_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = data.next().await {
+            let chunk = chunk.map_err(|e| ApiError::invalid(format!("reading the request body: {e}"), "body"))?;
+            if buf.len() + chunk.len() > limit {
+                return Err(ApiError::new(413, "invalid_request_error", "the request body is too large"));
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf)
+    };
+    let wait = Duration::from_millis(c.cfg.body_timeout_ms);
+    let bytes = tokio::time::timeout(wait, read).await.map_err(|_| {
+        let message = format!("the request body did not arrive within {} ms", c.cfg.body_timeout_ms);
+        ApiError::new(408, "invalid_request_error", message)
+    })??;
+    let value: Value =
+        serde_json::from_slice(&bytes).map_err(|e| ApiError::invalid(format!("invalid JSON body: {e}"), "body"))?;
+    serde_path_to_error::deserialize(&value).map_err(|e| {
+        let path = e.path().to_string();
+        if path != "." {
+            let field = path.split(['.', '[']).next().unwrap_or("body").to_owned();
+            return ApiError::invalid(format!("invalid value at `{path}`: {}", e.inner()), field);
+        }
+        match blame_field::<T>(&value) {
+            Some(field) => ApiError::invalid(format!("invalid value for `{field}`: {}", e.inner()), field),
+            None => ApiError::invalid(format!("invalid JSON body: {}", e.inner()), "body"),
+        }
+    })
+}
+
+/// Finds the top-level field a failed parse is about: serde loses the
+/// path inside `#[serde(flatten)]`, so drop one field at a time and see which
+/// one's absence changes the error. Bounded: bodies with many fields get
+/// the generic message.
+fn blame_field<T: serde::de::DeserializeOwned>(value: &Value) -> Option<String> {
+    let object = value.as_object().filter(|o| o.len() <= 64)?;
+    let first = T::deserialize(value).err()?.to_string();
+    object.keys().find_map(|key| {
+        let mut without = object.clone();
+        without.remove(key);
+        match T::deserialize(Value::Object(without)) {
+            Ok(_) => Some(key.clone()),
+            Err(e) => {
+                let e = e.to_string();
+                (e != first && !e.starts_with(&format!("missing field `{key}`"))).then(|| key.clone())
+            }
+        }
+    })
 }
 
 fn check_model(c: &Conductor, model: &Option<String>) -> Result<(), ApiError> {
@@ -74,7 +127,7 @@ fn check_model(c: &Conductor, model: &Option<String>) -> Result<(), ApiError> {
         Some(m) if m == c.model.name => Ok(()),
         Some(m) => Err(ApiError {
             code: Some("model_not_found"),
-            param: Some("model"),
+            param: Some("model".into()),
             ..ApiError::new(
                 404,
                 "invalid_request_error",
@@ -119,21 +172,18 @@ enum Kind {
     Completion,
 }
 
-async fn chat(State(c): State<Arc<Conductor>>, body: Result<Bytes, BytesRejection>) -> Result<Response, ApiError> {
-    let req: ChatRequest = parse(body)?;
+async fn chat(State(c): State<Arc<Conductor>>, t: Extension<Tenant>, body: Body) -> Result<Response, ApiError> {
+    let req: ChatRequest = read_json(&c, body).await?;
     check_model(&c, &req.common.model)?;
     let knobs = req.knobs(c.cfg.default_max_tokens, c.cfg.max_tokens_limit)?;
     let messages = req.messages()?;
     let prompt = crate::text::render_chat(&c.model.tokenizer, &c.model.template, &messages)
         .map_err(|e| ApiError::invalid(format!("the chat template failed: {e:#}"), "messages"))?;
-    generate(c, Kind::Chat, prompt, knobs).await
+    generate(c, Kind::Chat, prompt, knobs, t.0 .0).await
 }
 
-async fn completions(
-    State(c): State<Arc<Conductor>>,
-    body: Result<Bytes, BytesRejection>,
-) -> Result<Response, ApiError> {
-    let req: CompletionRequest = parse(body)?;
+async fn completions(State(c): State<Arc<Conductor>>, t: Extension<Tenant>, body: Body) -> Result<Response, ApiError> {
+    let req: CompletionRequest = read_json(&c, body).await?;
     check_model(&c, &req.common.model)?;
     let knobs = req.knobs(c.cfg.max_tokens_limit)?;
     let one = |n: usize| {
@@ -155,7 +205,7 @@ async fn completions(
             encode(&c, &l[0])?
         }
     };
-    generate(c, Kind::Completion, prompt, knobs).await
+    generate(c, Kind::Completion, prompt, knobs, t.0 .0).await
 }
 
 fn encode(c: &Conductor, text: &str) -> Result<Vec<u32>, ApiError> {
@@ -167,7 +217,13 @@ fn encode(c: &Conductor, text: &str) -> Result<Vec<u32>, ApiError> {
 
 /// Checks the prompt against the model and the limits, admits the request
 /// (or refuses it: 429 with `Retry-After`) and answers whole or streaming.
-async fn generate(c: Arc<Conductor>, kind: Kind, prompt: Vec<u32>, knobs: Knobs) -> Result<Response, ApiError> {
+async fn generate(
+    c: Arc<Conductor>,
+    kind: Kind,
+    prompt: Vec<u32>,
+    knobs: Knobs,
+    tenant: String,
+) -> Result<Response, ApiError> {
     let param = if kind == Kind::Chat { "messages" } else { "prompt" };
     if prompt.is_empty() {
         return Err(ApiError::invalid("the prompt is empty", param));
@@ -207,6 +263,7 @@ async fn generate(c: Arc<Conductor>, kind: Kind, prompt: Vec<u32>, knobs: Knobs)
         max_tokens: knobs.max_tokens,
         sampling,
         stop_ids,
+        tenant,
     };
     let ticket = c.admit(sub).await.map_err(|r| ApiError {
         retry_after: Some(r.retry_after_s),

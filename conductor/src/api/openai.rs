@@ -3,6 +3,8 @@
 //! be a string or a list, content may be a string or text parts) and
 //! validated strictly where a wrong value would change the answer.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
 use serde_json::{json, Value};
 
@@ -12,19 +14,19 @@ pub struct ApiError {
     pub status: u16,
     pub kind: &'static str,
     pub message: String,
-    pub param: Option<&'static str>,
+    pub param: Option<Cow<'static, str>>,
     pub code: Option<&'static str>,
     /// Seconds, for 429 and 503.
     pub retry_after: Option<u64>,
 }
 
 impl ApiError {
-    pub fn invalid(message: impl Into<String>, param: &'static str) -> ApiError {
+    pub fn invalid(message: impl Into<String>, param: impl Into<Cow<'static, str>>) -> ApiError {
         ApiError {
             status: 400,
             kind: "invalid_request_error",
             message: message.into(),
-            param: Some(param),
+            param: Some(param.into()),
             code: None,
             retry_after: None,
         }
@@ -384,7 +386,7 @@ mod tests {
                             "max_completion_tokens": 9, "logprobs": true, "top_logprobs": 2, "ignore_eos": true}))
         .unwrap();
         assert_eq!((k.max_tokens, k.logprobs, k.ignore_eos), (9, Some(2), true));
-        let param = |v: Value| chat(v).unwrap_err().param;
+        let param = |v: Value| chat(v).unwrap_err().param.map(|p| &*p.into_owned().leak());
         let m = json!([{"role": "user", "content": "x"}]);
         assert_eq!(param(json!({"messages": m, "max_tokens": 0})), Some("max_tokens"));
         assert_eq!(param(json!({"messages": m, "max_tokens": 100000})), Some("max_tokens"));
@@ -411,9 +413,9 @@ mod tests {
         let k = r.knobs(100).unwrap();
         assert_eq!((k.max_tokens, k.logprobs), (16, Some(2)));
         let r: CompletionRequest = serde_json::from_value(json!({"prompt": ["a"], "echo": true})).unwrap();
-        assert_eq!(r.knobs(100).unwrap_err().param, Some("echo"));
+        assert_eq!(r.knobs(100).unwrap_err().param.as_deref(), Some("echo"));
         let r: CompletionRequest = serde_json::from_value(json!({"prompt": "a", "logprobs": 6})).unwrap();
-        assert_eq!(r.knobs(100).unwrap_err().param, Some("logprobs"));
+        assert_eq!(r.knobs(100).unwrap_err().param.as_deref(), Some("logprobs"));
     }
 
     #[test]

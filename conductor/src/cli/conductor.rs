@@ -41,8 +41,9 @@ pub fn run(args: ConductorArgs) -> anyhow::Result<()> {
             http.local_addr()?,
             conductor.model.name,
         );
-        let served = axum::serve(http, crate::api::router(conductor))
-            .with_graceful_shutdown(super::kvstore::shutdown_signal())
+        let header_timeout = std::time::Duration::from_millis(cfg.conductor.header_timeout_ms);
+        let router = crate::api::router(conductor);
+        let served = crate::api::server::serve(http, router, header_timeout, super::kvstore::shutdown_signal())
             .await
             .context("serving HTTP");
         admin.shutdown().await;
