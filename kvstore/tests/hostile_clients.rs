@@ -5,13 +5,15 @@
 //! are never finished. Each is refused or reclaimed, and the honest client
 //! next to it keeps its bytes.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use tandem_kvstore::checksum::BlockChecksum;
 use tandem_kvstore::client::{BlockWrite, ClientConfig, PutOutcome, StoreClient};
 use tandem_kvstore::grant::{GrantKey, WriteGrant};
 use tandem_kvstore::master::{self, MasterConfig, MasterHandle};
-use tandem_kvstore::node::{self, NodeHandle, StorageConfig};
+use tandem_kvstore::node::{self, NodeHandle};
 use tandem_kvstore::transport::{
     ReadOp, TcpConfig, TcpTransport, TransferError, Transport, TransportConfig, TransportPreference, WriteOp,
 };
@@ -37,34 +39,13 @@ struct Store {
 
 async fn start_store(put_timeout_ms: u64) -> Store {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = MasterConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        heartbeat_interval_ms: 100,
-        node_timeout_ms: 5_000,
-        tick_ms: 20,
-        put_timeout_ms,
-        ..MasterConfig::default()
-    };
+    let cfg = MasterConfig { node_timeout_ms: 5_000, put_timeout_ms, ..common::master_config() };
     let master = master::serve(cfg).await.unwrap();
-    let cfg = StorageConfig {
-        name: "n0".into(),
-        master: master.local_addr().to_string(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_listen: "127.0.0.1:0".parse().unwrap(),
-        // One segment, so consecutive reservations are neighbours.
-        dram: bytesize::ByteSize::b(SEGMENT),
-        segment_size: bytesize::ByteSize::b(SEGMENT),
-        shm_dir: dir.path().to_path_buf(),
-        huge_pages: false,
-        ..StorageConfig::default()
-    };
+    // One segment, so consecutive reservations are neighbours.
+    let cfg = common::storage_config("n0", &master, dir.path(), SEGMENT, SEGMENT);
     let node = node::start(cfg).await.unwrap();
     let store = Store { master, node, _dir: dir };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while store.stats().await.nodes.is_empty() {
-        assert!(Instant::now() < deadline, "the node did not register");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for("the node to register", || async { !store.stats().await.nodes.is_empty() }).await;
     store
 }
 

@@ -7,6 +7,8 @@
 //! The full-disk test mounts a 1 MiB tmpfs (it needs root; without the
 //! permission it says so and skips).
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -40,46 +42,23 @@ struct Store {
 async fn start_store(ssd_dir: &Path, ssd_bytes: u64, high: f64, low: f64) -> Store {
     let shm = tempfile::tempdir().unwrap();
     let cfg = MasterConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        heartbeat_interval_ms: 100,
         node_timeout_ms: 5_000,
-        tick_ms: 20,
         dram_high_watermark: high,
         dram_low_watermark: low,
         // Reads do not move blocks back to DRAM here.
         promote_after_hits: 1_000_000,
-        ..MasterConfig::default()
+        ..common::master_config()
     };
     let master = master::serve(cfg).await.unwrap();
     let cfg = StorageConfig {
-        name: "n0".into(),
-        master: master.local_addr().to_string(),
-        listen: "127.0.0.1:0".parse().unwrap(),
-        data_listen: "127.0.0.1:0".parse().unwrap(),
-        dram: bytesize::ByteSize::b(DRAM),
-        segment_size: bytesize::ByteSize::b(DRAM),
-        shm_dir: shm.path().to_path_buf(),
-        huge_pages: false,
         ssd_dir: Some(ssd_dir.to_path_buf()),
         ssd: bytesize::ByteSize::b(ssd_bytes),
-        ..StorageConfig::default()
+        ..common::storage_config("n0", &master, shm.path(), DRAM, DRAM)
     };
     let node = node::start(cfg).await.unwrap();
     let store = Store { master, node, ssd_dir: ssd_dir.to_path_buf(), _shm: shm };
-    wait_for("the node to register", || async { !store.stats().await.nodes.is_empty() }).await;
+    common::wait_for("the node to register", || async { !store.stats().await.nodes.is_empty() }).await;
     store
-}
-
-async fn wait_for<F, Fut>(what: &str, mut done: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !done().await {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 impl Store {
@@ -116,7 +95,7 @@ impl Store {
     /// watermark (nothing more is planned), some blocks demoted, and the node
     /// holding exactly the SSD copies the master knows of (nothing in flight).
     async fn wait_settled(&self, high: f64) {
-        wait_for("demotions to settle", || async {
+        common::wait_for("demotions to settle", || async {
             let s = self.stats().await;
             let tier = |t: pb::Tier| s.nodes[0].tiers.iter().find(|u| u.tier == t as i32).cloned().unwrap_or_default();
             let (dram, ssd) = (tier(pb::Tier::Dram), tier(pb::Tier::Ssd));
@@ -245,7 +224,7 @@ async fn damaged_block_files_read_as_misses_and_are_dropped() {
     let shm = store.client(TransportPreference::Shm);
     assert_eq!(hits(&shm, &[mapped]).await, Vec::<u64>::new());
     assert_eq!(shm.metrics().checksum_mismatches.load(std::sync::atomic::Ordering::Relaxed), 1);
-    wait_for("the damaged file to be dropped", || async { store.node_stats().await.0 == held - 3 }).await;
+    common::wait_for("the damaged file to be dropped", || async { store.node_stats().await.0 == held - 3 }).await;
     assert!(!store.block_path(mapped).exists());
     assert!(store.master_counter("bad_replicas").await >= 3);
     let exists = tcp.exists(&[BlockKey(flipped), BlockKey(truncated), BlockKey(mapped)]).await.unwrap();
@@ -275,7 +254,7 @@ async fn failed_block_writes_leave_no_entry_and_the_dram_copy_serves() {
     let store = start_store(dir.path(), 64 << 20, 0.3, 0.1).await;
     let tcp = store.client(TransportPreference::Tcp);
     put_keys(&tcp, keys.iter().copied()).await;
-    wait_for("failed demotions", || async { store.master_counter("demotions_failed").await >= 3 }).await;
+    common::wait_for("failed demotions", || async { store.master_counter("demotions_failed").await >= 3 }).await;
     let (held, counters) = store.node_stats().await;
     assert_eq!(held, 0);
     assert!(counters.get("ssd_write_failures").is_some_and(|n| *n >= 3), "{counters:?}");
@@ -288,7 +267,7 @@ async fn failed_block_writes_leave_no_entry_and_the_dram_copy_serves() {
     for &k in &keys {
         std::fs::remove_dir(temp(k)).unwrap();
     }
-    wait_for("demotions to succeed", || async { store.ssd_only().await.len() >= 6 }).await;
+    common::wait_for("demotions to succeed", || async { store.ssd_only().await.len() >= 6 }).await;
     store.assert_files_match_entries().await;
     assert_eq!(hits(&tcp, &keys).await, keys);
     store.stop().await;
@@ -340,10 +319,10 @@ async fn a_full_disk_fails_demotions_cleanly_and_dram_keeps_serving() {
             break;
         }
     }
-    wait_for("a demotion to hit the full disk", || async { failures().await > 0 }).await;
+    common::wait_for("a demotion to hit the full disk", || async { failures().await > 0 }).await;
     let (held, counters) = store.node_stats().await;
     assert!(counters.get("ssd_disk_full").is_some_and(|n| *n > 0), "{counters:?}");
-    wait_for("the master to hear of it", || async { store.master_counter("demotions_failed").await > 0 }).await;
+    common::wait_for("the master to hear of it", || async { store.master_counter("demotions_failed").await > 0 }).await;
     assert!(held < 16, "more blocks than fit on the disk: {held}");
     store.assert_files_match_entries().await;
     // What is still stored reads right (hits() checks every byte).

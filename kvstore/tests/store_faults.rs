@@ -4,11 +4,13 @@
 //! read returns the written bytes or a miss — never other bytes — and no
 //! reservation or lease is left behind.
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use tandem_kvstore::client::{ClientConfig, PutOutcome, StoreClient};
 use tandem_kvstore::master::{self, MasterConfig, MasterHandle};
-use tandem_kvstore::node::{self, NodeHandle, StorageConfig};
+use tandem_kvstore::node::{self, NodeHandle};
 use tandem_kvstore::transport::{FaultConfig, Faults, TransportConfig, TransportPreference};
 use tandem_proto::BlockKey;
 
@@ -24,35 +26,17 @@ struct Store {
 
 async fn start_store() -> Store {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = MasterConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        heartbeat_interval_ms: 100,
-        node_timeout_ms: 2_000,
-        tick_ms: 20,
-        ..MasterConfig::default()
-    };
+    let cfg = MasterConfig { node_timeout_ms: 2_000, ..common::master_config() };
     let master = master::serve(cfg).await.unwrap();
     let mut nodes = Vec::new();
     for i in 0..2 {
-        let cfg = StorageConfig {
-            name: format!("n{i}"),
-            master: master.local_addr().to_string(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            data_listen: "127.0.0.1:0".parse().unwrap(),
-            dram: bytesize::ByteSize::mib(32),
-            segment_size: bytesize::ByteSize::mib(16),
-            shm_dir: dir.path().to_path_buf(),
-            ..StorageConfig::default()
-        };
+        let cfg = common::storage_config(&format!("n{i}"), &master, dir.path(), 32 << 20, 16 << 20);
         nodes.push(node::start(cfg).await.unwrap());
     }
     let store = Store { master, nodes, _dir: dir };
     let probe = store.client(TransportPreference::Tcp);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while probe.stats().await.map_or(0, |s| s.nodes.len()) < 2 {
-        assert!(Instant::now() < deadline, "nodes did not register");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::wait_for("both nodes to register", || async { probe.stats().await.map_or(0, |s| s.nodes.len()) == 2 })
+        .await;
     store
 }
 
