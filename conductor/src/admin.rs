@@ -100,7 +100,7 @@ pub async fn spawn(conductor: Arc<Conductor>, addr: SocketAddr) -> anyhow::Resul
     let gate = admin_gate(conductor.clone());
     let svc = AdminServer::new(AdminService { c: conductor }).max_decoding_message_size(MAX_MESSAGE_BYTES);
     let svc = tonic::service::interceptor::InterceptedService::new(svc, gate);
-    let server = tandem_decode::wire::spawn_server("admin API", addr, tonic::service::Routes::new(svc))
+    let server = tandem_decode::wire::spawn_server("admin API", addr, tonic::service::Routes::new(svc), None)
         .await
         .map_err(anyhow::Error::msg)?;
     Ok(AdminHandle { server })

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 use tandem_proto::auth::{digest, digests_equal};
+use tandem_proto::cluster_token::ClusterToken;
 use tandem_proto::handoff::MAX_TENANT_BYTES;
 
 /// `[auth]` of the cluster file.
@@ -25,6 +26,12 @@ pub struct AuthConfig {
     /// limits, not admin). Empty: none.
     pub api_keys_env: String,
     pub api_keys: Vec<ApiKeyConfig>,
+    /// An environment variable holding the cluster token, which every
+    /// internal gRPC call and data connection must carry. Empty: none.
+    pub cluster_token_env: String,
+    /// Or a file holding it (relative to the cluster file; surrounding
+    /// whitespace dropped). Empty: none.
+    pub cluster_token_file: String,
 }
 
 /// One `[[auth.api_keys]]` entry.
@@ -90,6 +97,35 @@ impl AuthConfig {
     /// Whether any key is configured (the APIs need one).
     pub fn enabled(&self) -> bool {
         !self.api_keys.is_empty() || !self.api_keys_env.is_empty()
+    }
+
+    /// The cluster token, read from the variable `cluster_token_env` names
+    /// (through `env`) or from `cluster_token_file` (relative to `base`).
+    /// `None` when neither is given; a variable that is unset, an unreadable
+    /// file or a token too short or malformed is an error, never a silent
+    /// fallback to an open cluster.
+    pub fn cluster_token(
+        &self,
+        env: impl Fn(&str) -> Option<String>,
+        base: &std::path::Path,
+    ) -> Result<Option<ClusterToken>, String> {
+        let text = match (self.cluster_token_env.is_empty(), self.cluster_token_file.is_empty()) {
+            (true, true) => return Ok(None),
+            (false, true) => env(&self.cluster_token_env)
+                .ok_or_else(|| format!("auth: cluster_token_env names {}, which is not set", self.cluster_token_env))?,
+            (true, false) => {
+                let path = base.join(&self.cluster_token_file);
+                let meta = std::fs::metadata(&path)
+                    .map_err(|e| format!("auth: cluster_token_file {}: {e}", path.display()))?;
+                if meta.len() > 4096 {
+                    return Err(format!("auth: cluster_token_file {} is larger than 4 KiB", path.display()));
+                }
+                std::fs::read_to_string(&path)
+                    .map_err(|e| format!("auth: cluster_token_file {}: {e}", path.display()))?
+            }
+            (false, false) => return Err("auth: give one of cluster_token_env and cluster_token_file".to_owned()),
+        };
+        ClusterToken::new(&text).map(Some).map_err(|e| format!("auth: {e}"))
     }
 
     /// The keys, with secrets read from the environment through `env`
@@ -285,6 +321,25 @@ mod tests {
 
     fn bearer(k: &str) -> Vec<u8> {
         format!("Bearer {k}").into_bytes()
+    }
+
+    #[test]
+    fn the_cluster_token_comes_from_a_variable_or_a_file_and_mistakes_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t"), "file-token-0123456789\n").unwrap();
+        let cfg = |t: &str| toml::from_str::<AuthConfig>(t).unwrap();
+        let token = |t: &str| cfg(t).cluster_token(|n| (n == "T").then(|| "env-token-0123456789".into()), dir.path());
+        assert_eq!(token("").unwrap(), None, "none configured: no token");
+        let from_env = token("cluster_token_env = \"T\"").unwrap().unwrap();
+        assert!(from_env.matches(b"env-token-0123456789"));
+        let from_file = token("cluster_token_file = \"t\"").unwrap().unwrap();
+        assert!(from_file.matches(b"file-token-0123456789"), "relative to the cluster file, newline dropped");
+        assert!(token("cluster_token_env = \"UNSET\"").unwrap_err().contains("UNSET, which is not set"));
+        assert!(token("cluster_token_file = \"missing\"").unwrap_err().contains("missing"));
+        assert!(token("cluster_token_env = \"T\"\ncluster_token_file = \"t\"").unwrap_err().contains("one of"));
+        std::fs::write(dir.path().join("short"), "short").unwrap();
+        assert!(token("cluster_token_file = \"short\"").unwrap_err().contains("16"));
+        assert!(!cfg("cluster_token_env = \"T\"").enabled(), "a cluster token does not turn on API keys");
     }
 
     #[test]

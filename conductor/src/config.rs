@@ -57,6 +57,10 @@ pub struct ConductorConfig {
     /// from `[conductor]`). Empty: the APIs are open.
     #[serde(skip)]
     pub api_keys: Vec<crate::auth::KeySpec>,
+    /// The cluster token sent to the workers (from `[auth]`, never read
+    /// from `[conductor]`).
+    #[serde(skip)]
+    pub cluster_token: Option<tandem_proto::cluster_token::ClusterToken>,
 }
 
 /// How requests use the workers.
@@ -116,6 +120,7 @@ impl Default for ConductorConfig {
             stall_timeout_ms: 60_000,
             seed: 0,
             api_keys: Vec::new(),
+            cluster_token: None,
         }
     }
 }

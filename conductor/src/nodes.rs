@@ -9,10 +9,10 @@ use crate::schedule::{DecodeCost, DecodeView, PrefillCost, PrefillView, SeqLoad}
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
+use tandem_proto::cluster_token::{authed, AuthChannel, ClusterToken};
 use tandem_proto::worker as pb;
 use tandem_proto::worker::decode_client::DecodeClient;
 use tandem_proto::worker::prefill_client::PrefillClient;
-use tonic::transport::Channel;
 
 /// Whether a node answers.
 #[derive(Debug, Clone, PartialEq)]
@@ -33,7 +33,7 @@ pub struct NodeBase {
     pub name: String,
     pub addr: SocketAddr,
     pub role: Role,
-    pub channel: Channel,
+    pub channel: AuthChannel,
     pub health: Health,
     pub draining: bool,
     /// Last successful status.
@@ -45,12 +45,14 @@ pub struct NodeBase {
 }
 
 impl NodeBase {
-    pub fn new(name: &str, addr: SocketAddr, role: Role) -> Result<NodeBase, String> {
+    /// A node at `addr`, called with the cluster `token` when there is one.
+    pub fn new(name: &str, addr: SocketAddr, role: Role, token: Option<&ClusterToken>) -> Result<NodeBase, String> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .map_err(|e| format!("node {name} address {addr}: {e}"))?
             .connect_timeout(Duration::from_secs(1))
             .tcp_nodelay(true)
             .connect_lazy();
+        let channel = authed(channel, token);
         Ok(NodeBase {
             name: name.to_string(),
             addr,
@@ -121,16 +123,16 @@ pub fn decode_prior() -> DecodeCost {
 }
 
 impl PrefillNode {
-    pub fn new(name: &str, addr: SocketAddr) -> Result<PrefillNode, String> {
+    pub fn new(name: &str, addr: SocketAddr, token: Option<&ClusterToken>) -> Result<PrefillNode, String> {
         Ok(PrefillNode {
-            base: NodeBase::new(name, addr, Role::Prefill)?,
+            base: NodeBase::new(name, addr, Role::Prefill, token)?,
             status: None,
             cost: prefill_prior(0.0),
             outstanding: HashMap::new(),
         })
     }
 
-    pub fn client(&self) -> PrefillClient<Channel> {
+    pub fn client(&self) -> PrefillClient<AuthChannel> {
         PrefillClient::new(self.base.channel.clone())
             .max_decoding_message_size(tandem_proto::handoff::MAX_MESSAGE_BYTES)
     }
@@ -163,9 +165,14 @@ impl PrefillNode {
 }
 
 impl DecodeNode {
-    pub fn new(name: &str, addr: SocketAddr, max_batch: u32) -> Result<DecodeNode, String> {
+    pub fn new(
+        name: &str,
+        addr: SocketAddr,
+        max_batch: u32,
+        token: Option<&ClusterToken>,
+    ) -> Result<DecodeNode, String> {
         Ok(DecodeNode {
-            base: NodeBase::new(name, addr, Role::Decode)?,
+            base: NodeBase::new(name, addr, Role::Decode, token)?,
             status: None,
             cost: decode_prior(),
             max_batch,
@@ -173,7 +180,7 @@ impl DecodeNode {
         })
     }
 
-    pub fn client(&self) -> DecodeClient<Channel> {
+    pub fn client(&self) -> DecodeClient<AuthChannel> {
         DecodeClient::new(self.base.channel.clone()).max_decoding_message_size(tandem_proto::handoff::MAX_MESSAGE_BYTES)
     }
 

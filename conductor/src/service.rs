@@ -152,11 +152,13 @@ impl Conductor {
     ) -> anyhow::Result<Arc<Conductor>> {
         let mut prefill = Vec::new();
         for (name, addr) in &workers.prefill {
-            prefill.push(PrefillNode::new(name, *addr).map_err(anyhow::Error::msg)?);
+            prefill.push(PrefillNode::new(name, *addr, cfg.cluster_token.as_ref()).map_err(anyhow::Error::msg)?);
         }
         let mut decode = Vec::new();
         for (name, addr, max_batch) in &workers.decode {
-            decode.push(DecodeNode::new(name, *addr, *max_batch).map_err(anyhow::Error::msg)?);
+            decode.push(
+                DecodeNode::new(name, *addr, *max_batch, cfg.cluster_token.as_ref()).map_err(anyhow::Error::msg)?,
+            );
         }
         let mut scheduler = Scheduler::new(cfg.policy, cfg.slo.into(), cfg.seed);
         scheduler.headroom = cfg.slo.headroom;
@@ -245,12 +247,14 @@ impl Conductor {
             "prefill" => {
                 if let Some(n) = st.prefill.iter_mut().find(|n| n.base.name == name) {
                     if n.base.addr != addr {
-                        *n = PrefillNode::new(name, addr).map_err(anyhow::Error::msg)?;
+                        *n = PrefillNode::new(name, addr, self.cfg.cluster_token.as_ref())
+                            .map_err(anyhow::Error::msg)?;
                         n.base.discovered = true;
                     }
                     return Ok(());
                 }
-                let mut n = PrefillNode::new(name, addr).map_err(anyhow::Error::msg)?;
+                let mut n =
+                    PrefillNode::new(name, addr, self.cfg.cluster_token.as_ref()).map_err(anyhow::Error::msg)?;
                 n.base.discovered = true;
                 st.prefill.push(n);
                 tokio::spawn(self.clone().poll(false, st.prefill.len() - 1));
@@ -258,12 +262,14 @@ impl Conductor {
             "decode" => {
                 if let Some(n) = st.decode.iter_mut().find(|n| n.base.name == name) {
                     if n.base.addr != addr {
-                        *n = DecodeNode::new(name, addr, max_batch).map_err(anyhow::Error::msg)?;
+                        *n = DecodeNode::new(name, addr, max_batch, self.cfg.cluster_token.as_ref())
+                            .map_err(anyhow::Error::msg)?;
                         n.base.discovered = true;
                     }
                     return Ok(());
                 }
-                let mut n = DecodeNode::new(name, addr, max_batch).map_err(anyhow::Error::msg)?;
+                let mut n = DecodeNode::new(name, addr, max_batch, self.cfg.cluster_token.as_ref())
+                    .map_err(anyhow::Error::msg)?;
                 n.base.discovered = true;
                 st.decode.push(n);
                 tokio::spawn(self.clone().poll(true, st.decode.len() - 1));

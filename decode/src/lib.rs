@@ -68,6 +68,10 @@ pub struct DecodeConfig {
     /// Colocated mode: this node's own prefix cache of full KV blocks
     /// (LRU, bounded by bytes; 0: off).
     pub local_cache: ByteSize,
+    /// Required on every call (filled in at start from `[auth]`, never
+    /// read from the file).
+    #[serde(skip)]
+    pub cluster_token: Option<tandem_proto::cluster_token::ClusterToken>,
 }
 
 impl Default for DecodeConfig {
@@ -84,6 +88,7 @@ impl Default for DecodeConfig {
             prefetch_duty: 0.2,
             profile: true,
             local_cache: ByteSize::mib(256),
+            cluster_token: None,
         }
     }
 }

@@ -150,8 +150,9 @@ pub async fn serve(
     let svc = DecodeServer::new(DecodeService { inner })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(svc);
     let server =
-        wire::spawn_server(&format!("decode {}", cfg.name), cfg.listen, tonic::service::Routes::new(svc)).await?;
+        wire::spawn_server(&format!("decode {}", cfg.name), cfg.listen, routes, cfg.cluster_token.clone()).await?;
     let addr = server.addr;
     tracing::info!(node = %cfg.name, %addr, pages = num_pages, "decode node serving");
     Ok(DecodeHandle {

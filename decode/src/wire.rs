@@ -113,11 +113,13 @@ pub struct Server {
 }
 
 /// Binds `listen` (port 0 picks one) and serves `routes` there with
-/// graceful shutdown: on stop, in-flight streams run to their end.
+/// graceful shutdown: on stop, in-flight streams run to their end. With a
+/// cluster `token`, calls without it are refused (`UNAUTHENTICATED`).
 pub async fn spawn_server(
     what: &str,
     listen: std::net::SocketAddr,
     routes: tonic::service::Routes,
+    token: Option<tandem_proto::cluster_token::ClusterToken>,
 ) -> Result<Server, String> {
     let listener =
         tokio::net::TcpListener::bind(listen).await.map_err(|e| format!("{what}: cannot listen on {listen}: {e}"))?;
@@ -129,6 +131,7 @@ pub async fn spawn_server(
     let what = what.to_owned();
     let task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
+            .layer(tandem_proto::cluster_token::require_token(token))
             .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stopped.await;

@@ -13,10 +13,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use tandem_proto::cluster_token::{authed, AuthChannel, ClusterToken};
 use tandem_proto::kvstore as pb;
 use tandem_proto::kvstore::master_client::MasterClient;
 use tandem_proto::BlockKey;
-use tonic::transport::Channel;
 
 use crate::checksum::BlockChecksum;
 use crate::error::StoreError;
@@ -42,6 +42,10 @@ pub struct ClientConfig {
     /// Preferred node for the first copy of a put (e.g. a colocated node).
     pub prefer_node: Option<String>,
     pub transport: TransportConfig,
+    /// Sent on every call to the master and on every data connection
+    /// (filled in at start from `[auth]`, never read from the file).
+    #[serde(skip)]
+    pub cluster_token: Option<ClusterToken>,
 }
 
 impl Default for ClientConfig {
@@ -53,6 +57,7 @@ impl Default for ClientConfig {
             rpc_timeout_ms: 10_000,
             prefer_node: None,
             transport: TransportConfig::default(),
+            cluster_token: None,
         }
     }
 }
@@ -138,7 +143,7 @@ pub struct ClientMetrics {
 #[derive(Debug)]
 pub struct StoreClient {
     cfg: ClientConfig,
-    master: MasterClient<Channel>,
+    master: MasterClient<AuthChannel>,
     host_id: String,
     peers: Mutex<HashMap<String, Peer>>,
     metrics: ClientMetrics,
@@ -152,20 +157,30 @@ struct Peer {
     transport: Arc<dyn Transport>,
 }
 
-/// The master's gRPC client for `addr` (host:port), connected lazily.
-pub fn master_client(addr: &str, timeout: Duration) -> Result<MasterClient<Channel>, StoreError> {
+/// The master's gRPC client for `addr` (host:port), connected lazily,
+/// sending `token` on every call.
+pub fn master_client(
+    addr: &str,
+    timeout: Duration,
+    token: Option<&ClusterToken>,
+) -> Result<MasterClient<AuthChannel>, StoreError> {
     let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| StoreError::Config(format!("master address {addr:?}: {e}")))?
         .connect_timeout(Duration::from_secs(2))
         .timeout(timeout);
-    Ok(MasterClient::new(endpoint.connect_lazy()))
+    Ok(MasterClient::new(authed(endpoint.connect_lazy(), token)))
 }
 
 impl StoreClient {
     /// A client of the master at `cfg.master`. Connects lazily: a master
     /// that is down shows up as `MasterUnavailable` on the first call.
-    pub fn new(cfg: ClientConfig) -> Result<StoreClient, StoreError> {
-        let master = master_client(&cfg.master, Duration::from_millis(cfg.rpc_timeout_ms))?;
+    pub fn new(mut cfg: ClientConfig) -> Result<StoreClient, StoreError> {
+        let timeout = Duration::from_millis(cfg.rpc_timeout_ms);
+        let master = master_client(&cfg.master, timeout, cfg.cluster_token.as_ref())?;
+        if cfg.cluster_token.is_some() {
+            // The data plane's handshake carries the same token.
+            cfg.transport.tcp.cluster_token = cfg.cluster_token.clone();
+        }
         Ok(StoreClient {
             cfg,
             master,
@@ -188,7 +203,7 @@ impl StoreClient {
     }
 
     /// The master's gRPC client, for admin calls (stats, listings).
-    pub fn master(&self) -> MasterClient<Channel> {
+    pub fn master(&self) -> MasterClient<AuthChannel> {
         self.master.clone()
     }
 

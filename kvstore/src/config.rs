@@ -18,6 +18,7 @@
 //! silently fall back to a default).
 
 use serde::{Deserialize, Serialize};
+use tandem_proto::cluster_token::ClusterToken;
 
 use crate::client::ClientConfig;
 use crate::master::MasterConfig;
@@ -67,6 +68,17 @@ impl KvstoreConfig {
             }
         }
         Ok(())
+    }
+
+    /// Gives every part of the store the cluster token (`[auth]`): the
+    /// master, each storage node and the clients' defaults.
+    pub fn with_cluster_token(mut self, token: Option<ClusterToken>) -> KvstoreConfig {
+        self.master.cluster_token = token.clone();
+        for s in &mut self.storage {
+            s.cluster_token = token.clone();
+        }
+        self.client.cluster_token = token;
+        self
     }
 
     /// The storage node called `name`, with a list of known names otherwise.

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
+use tandem_proto::cluster_token::{require_token, ClusterToken};
 use tandem_proto::kvstore as pb;
 use tandem_proto::kvstore::storage_node_server::{StorageNode, StorageNodeServer};
 use tandem_proto::BlockKey;
@@ -24,7 +25,9 @@ use crate::error::StoreError;
 use crate::grant::{GrantKey, GrantLedger, WriteGrant};
 use crate::segment::Segment;
 use crate::ssd::SsdTier;
-use crate::transport::{connect, local_host_id, DataServer, DataTarget, ReadOp, TransferError, TransportConfig};
+use crate::transport::{
+    connect, local_host_id, DataServer, DataTarget, ReadOp, TcpConfig, TransferError, TransportConfig,
+};
 use crate::types::{PeerInfo, SegmentDesc};
 use crate::wire;
 
@@ -54,6 +57,11 @@ pub struct StorageConfig {
     pub ssd: ByteSize,
     /// How this node pulls replicas from other nodes.
     pub transport: TransportConfig,
+    /// Required on the control service and the data port, and sent to the
+    /// master and to other nodes (filled in at start from `[auth]`, never
+    /// read from the file).
+    #[serde(skip)]
+    pub cluster_token: Option<ClusterToken>,
 }
 
 impl Default for StorageConfig {
@@ -70,6 +78,7 @@ impl Default for StorageConfig {
             ssd_dir: None,
             ssd: ByteSize::gib(0),
             transport: TransportConfig::default(),
+            cluster_token: None,
         }
     }
 }
@@ -205,7 +214,8 @@ pub async fn start(cfg: StorageConfig) -> Result<NodeHandle, StoreError> {
         grants: Default::default(),
         writes_denied: Default::default(),
     });
-    let data_server = DataServer::bind(cfg.data_listen, data.clone(), Default::default())
+    let data_cfg = TcpConfig { cluster_token: cfg.cluster_token.clone(), ..TcpConfig::default() };
+    let data_server = DataServer::bind(cfg.data_listen, data.clone(), data_cfg)
         .await
         .map_err(|e| StoreError::Io(format!("binding data port {}: {e}", cfg.data_listen)))?;
     let peer = PeerInfo {
@@ -221,12 +231,18 @@ pub async fn start(cfg: StorageConfig) -> Result<NodeHandle, StoreError> {
         .map_err(|e| StoreError::Io(format!("binding control port {}: {e}", cfg.listen)))?;
     let control_addr = listener.local_addr().map_err(|e| StoreError::Io(e.to_string()))?;
     let (stop, stop_rx) = watch::channel(false);
-    let rpc = NodeRpc { data: data.clone(), host_id: peer.host_id.clone(), transport: cfg.transport.clone() };
+    let mut transport = cfg.transport.clone();
+    if cfg.cluster_token.is_some() {
+        transport.tcp.cluster_token = cfg.cluster_token.clone();
+    }
+    let rpc = NodeRpc { data: data.clone(), host_id: peer.host_id.clone(), transport };
+    let required = require_token(cfg.cluster_token.clone());
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(async move {
         // TCP_NODELAY: small replies must not wait on the delayed-ACK timer.
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
+            .layer(required)
             .add_service(StorageNodeServer::new(rpc))
             .serve_with_incoming_shutdown(incoming, async move {
                 let _ = server_stop.wait_for(|s| *s).await;
@@ -258,7 +274,7 @@ async fn stay_registered(
     data: Arc<NodeData>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let master = match master_client(&cfg.master, Duration::from_secs(10)) {
+    let master = match master_client(&cfg.master, Duration::from_secs(10), cfg.cluster_token.as_ref()) {
         Ok(m) => m,
         Err(e) => {
             tracing::error!("storage node cannot use master address: {e}");
@@ -296,6 +312,19 @@ async fn stay_registered(
                     registered = true;
                     backoff = Duration::from_millis(100);
                     tracing::info!(node = %peer.name, "registered with the master");
+                }
+                Err(e) if e.code() == tonic::Code::Unauthenticated => {
+                    // A configuration error, not a passing fault: said
+                    // loudly, and retried slowly in case the operator
+                    // fixes the master's side.
+                    tracing::error!(
+                        node = %peer.name,
+                        "the master refused this node's cluster token; not registered (check [auth] \
+                         cluster_token_env / cluster_token_file on both): {}",
+                        e.message()
+                    );
+                    let _ = tokio::time::timeout(Duration::from_secs(5), stop.changed()).await;
+                    continue;
                 }
                 Err(e) => {
                     tracing::warn!(node = %peer.name, "registration failed, retrying in {backoff:?}: {e}");

@@ -5,9 +5,15 @@
 //! the master's allocator; concurrent readers and writers only ever touch
 //! ranges the master handed to them, so the copies here are plain
 //! `memcpy`s through raw pointers, bounds-checked against the mapping.
+//!
+//! Segment files are created owner-only (0600): a same-host client maps
+//! them only when it runs as the storage node's user, so the files'
+//! permissions are the shm transport's access check (the node's control
+//! service, which names them, requires the cluster token).
 
 use std::fs::OpenOptions;
 use std::io;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use memmap2::{MmapOptions, MmapRaw};
@@ -36,7 +42,16 @@ impl Segment {
     /// mapping (best effort: ignored where unsupported).
     pub fn create(path: &Path, bytes: u64, huge_pages: bool) -> Result<Segment, SegmentError> {
         let io_err = |source| SegmentError::Io { path: path.to_owned(), source };
-        let file = OpenOptions::new().read(true).write(true).create(true).truncate(true).open(path).map_err(io_err)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(io_err)?;
+        // `mode` applies only to a new file: a left-over one is narrowed too.
+        file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
         file.set_len(bytes).map_err(io_err)?;
         let map = MmapOptions::new().len(bytes as usize).map_raw(&file).map_err(io_err)?;
         if huge_pages {
@@ -128,7 +143,11 @@ mod tests {
     fn a_second_mapping_sees_writes_and_bounds_are_checked() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("seg0");
+        std::fs::write(&path, b"left over").unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
         let seg = Segment::create(&path, 1 << 20, true).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "segment files are owner-only");
         seg.write_at(4096, b"hello").unwrap();
         let peer = Segment::open(&path).unwrap();
         let mut buf = [0u8; 5];

@@ -289,7 +289,8 @@ async fn exchange(addr: SocketAddr, bytes: Vec<u8>) -> Result<Vec<(FrameHeader, 
         let limit = match op {
             Opcode::Data => MAX_FRAME,
             Opcode::Error => MAX_ERROR_MESSAGE as u64,
-            Opcode::WriteOk => 0,
+            // `HELLO_OK` answers a `HELLO` (opcode 5, reached by `any::<u8>()`).
+            Opcode::WriteOk | Opcode::HelloOk => 0,
             other => return Err(format!("reply #{n} is a {other:?}")),
         };
         if h.payload_len > limit || (op == Opcode::Data && h.len != h.payload_len) {

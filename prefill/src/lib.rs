@@ -50,6 +50,10 @@ pub struct PrefillConfig {
     /// Time prefill passes at start so the conductor can predict this node
     /// (off: `Profile` answers empty and the conductor uses its priors).
     pub profile: bool,
+    /// Required on every call, and sent to decode nodes (filled in at start
+    /// from `[auth]`, never read from the file).
+    #[serde(skip)]
+    pub cluster_token: Option<tandem_proto::cluster_token::ClusterToken>,
 }
 
 impl Default for PrefillConfig {
@@ -64,6 +68,7 @@ impl Default for PrefillConfig {
             store_writes: true,
             prefix_reads: true,
             profile: true,
+            cluster_token: None,
         }
     }
 }

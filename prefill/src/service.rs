@@ -17,6 +17,7 @@ use tandem_decode::wire;
 use tandem_kvstore::client::StoreClient;
 use tandem_model::forward::Model;
 use tandem_model::kv_cache::KvDType;
+use tandem_proto::cluster_token::{authed, AuthChannel, ClusterToken};
 use tandem_proto::handoff::{validate_request, MAX_MESSAGE_BYTES};
 use tandem_proto::worker::decode_client::DecodeClient;
 use tandem_proto::worker::generate_event::Event;
@@ -25,7 +26,6 @@ use tandem_proto::worker::{self as pb};
 use tandem_proto::{block_keys, BlockKey};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 /// The model and KV layout a worker serves (the cluster file's `[model]`).
@@ -46,7 +46,9 @@ struct Inner {
     store: Option<Arc<StoreClient>>,
     stats: Arc<EngineStats>,
     prefix_reads: bool,
-    decoders: Mutex<HashMap<String, DecodeClient<Channel>>>,
+    decoders: Mutex<HashMap<String, DecodeClient<AuthChannel>>>,
+    /// Sent to decode nodes.
+    token: Option<ClusterToken>,
     /// Measured once before serving.
     profile: pb::ProfileReply,
 }
@@ -140,13 +142,15 @@ pub async fn serve(
         stats: stats.clone(),
         prefix_reads: cfg.prefix_reads,
         decoders: Mutex::new(HashMap::new()),
+        token: cfg.cluster_token.clone(),
         profile: pb::ProfileReply { node: cfg.name.clone(), prefill: prefill_points, decode: Vec::new() },
     });
     let svc = PrefillServer::new(PrefillService { inner })
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let routes = tonic::service::Routes::new(svc);
     let server =
-        wire::spawn_server(&format!("prefill {}", cfg.name), cfg.listen, tonic::service::Routes::new(svc)).await?;
+        wire::spawn_server(&format!("prefill {}", cfg.name), cfg.listen, routes, cfg.cluster_token.clone()).await?;
     let addr = server.addr;
     tracing::info!(node = %cfg.name, %addr, pages = num_pages, "prefill node serving");
     Ok(PrefillHandle { addr, shutdown: Some(server.stop), server: Some(server.task), engine: Some(engine), stats })
@@ -343,7 +347,7 @@ impl Inner {
         }
     }
 
-    fn decoder(&self, addr: &str) -> Result<DecodeClient<Channel>, Status> {
+    fn decoder(&self, addr: &str) -> Result<DecodeClient<AuthChannel>, Status> {
         let mut map = self.decoders.lock();
         if let Some(c) = map.get(addr) {
             return Ok(c.clone());
@@ -352,7 +356,7 @@ impl Inner {
             .map_err(|e| Status::invalid_argument(format!("decode_addr {addr:?}: {e}")))?
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true);
-        let client = DecodeClient::new(endpoint.connect_lazy())
+        let client = DecodeClient::new(authed(endpoint.connect_lazy(), self.token.as_ref()))
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
             .max_encoding_message_size(MAX_MESSAGE_BYTES);
         map.insert(addr.to_owned(), client.clone());

@@ -2,6 +2,8 @@
 //! them.
 //!
 //! - [`auth`] — constant-time comparison of secrets (SHA-256 digests).
+//! - [`cluster_token`] — the cluster's shared secret: attached to and
+//!   required on every internal gRPC call and the data plane's handshake.
 //! - [`admin`] — the conductor's admin API (`tandem.admin.v1`), which
 //!   `tandem ctl` talks to.
 //! - [`block_key`] — prefix-chained block keys (DESIGN.md §2): equal keys
@@ -13,6 +15,7 @@
 
 pub mod auth;
 pub mod block_key;
+pub mod cluster_token;
 pub mod handoff;
 
 pub use block_key::{block_keys, BlockKey, KeySalt};

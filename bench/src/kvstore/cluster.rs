@@ -53,6 +53,7 @@ impl Cluster {
             ssd_dir: None,
             ssd: ByteSize::b(0),
             transport: TransportConfig::default(),
+            cluster_token: None,
         };
         let node = tandem_kvstore::node::start(node_cfg).await.context("starting the storage node")?;
         let cluster = Cluster { master, node, master_addr };

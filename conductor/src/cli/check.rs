@@ -41,6 +41,14 @@ pub fn run(args: CheckArgs) -> anyhow::Result<()> {
         let tenants: std::collections::BTreeSet<&str> = keys.iter().map(|k| k.tenant.as_str()).collect();
         println!("auth      on: {} API keys ({admin} admin), {} tenants", keys.len(), tenants.len());
     }
+    match (&cfg.cluster_token, cfg.auth.cluster_token_env.as_str()) {
+        (None, _) => println!("cluster   token off (internal gRPC and the data plane trust their network)"),
+        (Some(_), "") => println!(
+            "cluster   token on (from {}): internal gRPC and the data plane require it",
+            cfg.auth.cluster_token_file
+        ),
+        (Some(_), var) => println!("cluster   token on (from ${var}): internal gRPC and the data plane require it"),
+    }
     if cfg.discovery.enabled() {
         println!("discovery etcd {} (prefix {})", cfg.discovery.etcd.join(", "), cfg.discovery.prefix);
     }

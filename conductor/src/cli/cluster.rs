@@ -14,6 +14,7 @@ use tandem_decode::DecodeConfig;
 use tandem_kvstore::config::KvstoreConfig;
 use tandem_model::deploy::ModelSection;
 use tandem_prefill::PrefillConfig;
+use tandem_proto::cluster_token::ClusterToken;
 
 /// Largest cluster file read.
 const MAX_FILE_BYTES: u64 = 4 << 20;
@@ -27,8 +28,13 @@ pub struct ClusterConfig {
     pub decode: Vec<DecodeConfig>,
     pub conductor: ConductorConfig,
     pub discovery: DiscoveryConfig,
-    /// API keys (secrets come from the environment).
+    /// API keys and the cluster token (secrets come from the environment
+    /// or a file).
     pub auth: AuthConfig,
+    /// The resolved cluster token (`[auth]`), already handed to every
+    /// node's section by [`ClusterConfig::load`].
+    #[serde(skip)]
+    pub cluster_token: Option<ClusterToken>,
 }
 
 impl ClusterConfig {
@@ -49,7 +55,25 @@ impl ClusterConfig {
             .auth
             .resolve(|name| std::env::var(name).ok())
             .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let token = cfg
+            .auth
+            .cluster_token(|name| std::env::var(name).ok(), base)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        cfg.set_cluster_token(token);
         Ok(cfg)
+    }
+
+    /// Gives every node of the file the cluster token (`None`: no check).
+    pub fn set_cluster_token(&mut self, token: Option<ClusterToken>) {
+        self.kvstore = std::mem::take(&mut self.kvstore).with_cluster_token(token.clone());
+        for p in &mut self.prefill {
+            p.cluster_token = token.clone();
+        }
+        for d in &mut self.decode {
+            d.cluster_token = token.clone();
+        }
+        self.conductor.cluster_token = token.clone();
+        self.cluster_token = token;
     }
 
     pub fn validate(&self) -> Result<(), String> {

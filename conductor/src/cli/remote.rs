@@ -62,6 +62,7 @@ pub fn run(
     let rt = super::kvstore::runtime()?;
     rt.block_on(async {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?.connect_lazy();
+        let channel = tandem_proto::cluster_token::authed(channel, cfg.cluster_token.as_ref());
         let started = Instant::now();
         let mut stream = PrefillClient::new(channel)
             .max_decoding_message_size(tandem_proto::handoff::MAX_MESSAGE_BYTES)

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
+use tandem_proto::cluster_token::ClusterToken;
 
 use crate::policy::PolicyKind;
 
@@ -67,6 +68,10 @@ pub struct MasterConfig {
     pub max_block_bytes: ByteSize,
     /// Most keys in one request.
     pub max_batch: usize,
+    /// Required on every call, and sent to storage nodes (filled in at
+    /// start from `[auth]`, never read from the file).
+    #[serde(skip)]
+    pub cluster_token: Option<ClusterToken>,
 }
 
 impl Default for MasterConfig {
@@ -91,6 +96,7 @@ impl Default for MasterConfig {
             tick_ms: 100,
             max_block_bytes: ByteSize::mib(64),
             max_batch: 4096,
+            cluster_token: None,
         }
     }
 }

@@ -8,13 +8,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tandem_proto::cluster_token::{authed, require_token, AuthChannel, ClusterToken};
 use tandem_proto::kvstore as pb;
 use tandem_proto::kvstore::master_server::{Master, MasterServer};
 use tandem_proto::kvstore::storage_node_client::StorageNodeClient;
 use tandem_proto::BlockKey;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use super::persist::MetaStore;
@@ -42,7 +42,9 @@ impl From<MasterError> for Status {
 struct Shared {
     state: Arc<Mutex<MasterState>>,
     /// gRPC channels to storage nodes' control services, by address.
-    nodes: Arc<Mutex<HashMap<String, StorageNodeClient<Channel>>>>,
+    nodes: Arc<Mutex<HashMap<String, StorageNodeClient<AuthChannel>>>>,
+    /// Sent to storage nodes' control services.
+    token: Option<ClusterToken>,
 }
 
 impl Shared {
@@ -51,7 +53,7 @@ impl Shared {
         Ok(f(&mut guard))
     }
 
-    fn client(&self, addr: &str) -> Result<StorageNodeClient<Channel>, String> {
+    fn client(&self, addr: &str) -> Result<StorageNodeClient<AuthChannel>, String> {
         let mut nodes = self.nodes.lock().map_err(|_| "node client table poisoned".to_owned())?;
         if let Some(c) = nodes.get(addr) {
             return Ok(c.clone());
@@ -60,7 +62,7 @@ impl Shared {
             .map_err(|e| format!("bad node address {addr}: {e}"))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(30));
-        let client = StorageNodeClient::new(endpoint.connect_lazy());
+        let client = StorageNodeClient::new(authed(endpoint.connect_lazy(), self.token.as_ref()));
         nodes.insert(addr.to_owned(), client.clone());
         Ok(client)
     }
@@ -111,17 +113,19 @@ pub async fn serve(cfg: MasterConfig) -> Result<MasterHandle, String> {
         }
         None => MasterState::new(cfg.clone()),
     };
-    let shared = Shared { state: Arc::new(Mutex::new(state)), nodes: Arc::default() };
+    let shared = Shared { state: Arc::new(Mutex::new(state)), nodes: Arc::default(), token: cfg.cluster_token.clone() };
     let listener =
         tokio::net::TcpListener::bind(cfg.listen).await.map_err(|e| format!("binding {}: {e}", cfg.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let (stop_tx, stop_rx) = oneshot::channel::<()>();
     let ticker = tokio::spawn(housekeeping(shared.clone(), Duration::from_millis(cfg.tick_ms)));
     let svc = MasterServer::new(MasterRpc { shared, cfg: cfg.clone() });
+    let required = require_token(cfg.cluster_token.clone());
     let task = tokio::spawn(async move {
         // TCP_NODELAY: small replies must not wait on the delayed-ACK timer.
         let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
         let result = tonic::transport::Server::builder()
+            .layer(required)
             .add_service(svc)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = stop_rx.await;

@@ -2,6 +2,7 @@
 
 use bytesize::ByteSize;
 use serde::{Deserialize, Serialize};
+use tandem_proto::cluster_token::ClusterToken;
 
 /// Which transport [`super::connect`] picks for a peer.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -56,6 +57,11 @@ pub struct TcpConfig {
     pub io_timeout_ms: u64,
     /// Server: a connection with no request for this long is closed.
     pub idle_timeout_ms: u64,
+    /// The cluster token (never in the file: filled in at start from
+    /// `[auth]`). A client sends it in the first frame of every
+    /// connection; a server with one refuses connections that do not.
+    #[serde(skip)]
+    pub cluster_token: Option<ClusterToken>,
 }
 
 impl Default for TcpConfig {
@@ -70,6 +76,7 @@ impl Default for TcpConfig {
             max_connections: 1_024,
             io_timeout_ms: 30_000,
             idle_timeout_ms: 600_000,
+            cluster_token: None,
         }
     }
 }

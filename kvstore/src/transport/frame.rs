@@ -32,6 +32,7 @@
 //! | `WRITE` (3)             | the block (`len`)  | `WRITE_OK` (0x82)                  | none               |
 //! | `WRITE` + [`FLAG_GRANT`]| grant, then block  | `WRITE_OK` (0x82)                  | none               |
 //! | `RDMA_CONNECT` (4)      | client endpoint    | `RDMA_ACCEPT` (0x84)               | server endpoint    |
+//! | `HELLO` (5)             | the cluster token  | `HELLO_OK` (0x85)                  | none               |
 //!
 //! Any request may instead be answered by `ERROR` (0xff) with a [`Status`]
 //! and a short UTF-8 message as payload. Replies come back in request order
@@ -46,6 +47,15 @@
 //! [`TransferError::Protocol`] at the client) and the connection stays in
 //! sync. `RDMA_CONNECT` is served only by servers built with feature `rdma`;
 //! others answer `Unsupported`.
+//!
+//! **Handshake.** A server configured with the cluster token
+//! (`TcpConfig::cluster_token`) requires `HELLO` as the first frame of a
+//! connection, its payload the token (at most [`MAX_HELLO_PAYLOAD`] bytes,
+//! compared in constant time). Anything else — another opcode first, a
+//! wrong or oversized token, a bad trailer — is answered with `ERROR`
+//! `Unauthenticated` and the connection is closed before any read or write
+//! is served. A client with a token sends `HELLO` once per connection and
+//! waits for `HELLO_OK`; a server without a token accepts any `HELLO`.
 //!
 //! A `WRITE` with [`FLAG_GRANT`] carries the writer's
 //! [`crate::grant::WriteGrant`] ([`GRANT_LEN`] bytes) before the block, so
@@ -71,6 +81,8 @@ pub const HEADER_LEN: usize = 64;
 pub const TRAILER_LEN: usize = 8;
 /// Longest message an `ERROR` frame may carry.
 pub const MAX_ERROR_MESSAGE: usize = 1024;
+/// Largest `HELLO` payload (the longest cluster token).
+pub const MAX_HELLO_PAYLOAD: usize = tandem_proto::cluster_token::MAX_TOKEN_BYTES;
 /// Payloads are hashed and moved in pieces of this size so the bytes are
 /// still in cache when the checksum reads them.
 pub const IO_CHUNK: usize = 256 * 1024;
@@ -87,12 +99,16 @@ pub enum Opcode {
     Write = 0x03,
     /// Set up an RDMA queue pair (feature `rdma`).
     RdmaConnect = 0x04,
+    /// Opens a connection: the payload is the cluster token.
+    Hello = 0x05,
     /// A read's block.
     Data = 0x81,
     /// A write landed.
     WriteOk = 0x82,
     /// The server's RDMA endpoint.
     RdmaAccept = 0x84,
+    /// The handshake passed.
+    HelloOk = 0x85,
     /// The request failed; see `status`.
     Error = 0xff,
 }
@@ -105,9 +121,11 @@ impl Opcode {
             0x02 => Opcode::ReadSsd,
             0x03 => Opcode::Write,
             0x04 => Opcode::RdmaConnect,
+            0x05 => Opcode::Hello,
             0x81 => Opcode::Data,
             0x82 => Opcode::WriteOk,
             0x84 => Opcode::RdmaAccept,
+            0x85 => Opcode::HelloOk,
             0xff => Opcode::Error,
             _ => return None,
         })
@@ -144,6 +162,8 @@ pub enum Status {
     Unsupported = 11,
     /// The write is not covered by a valid grant (see [`FLAG_GRANT`]).
     Denied = 12,
+    /// The connection did not open with the right cluster token.
+    Unauthenticated = 13,
 }
 
 impl Status {
@@ -162,6 +182,7 @@ impl Status {
             10 => Status::Io,
             11 => Status::Unsupported,
             12 => Status::Denied,
+            13 => Status::Unauthenticated,
             _ => Status::BadRequest,
         }
     }
@@ -181,7 +202,8 @@ impl Status {
             | Status::UnknownSegment
             | Status::TooManyOps
             | Status::Unsupported
-            | Status::Denied => TransferError::Rejected(format!("{self:?}: {message}")),
+            | Status::Denied
+            | Status::Unauthenticated => TransferError::Rejected(format!("{self:?}: {message}")),
         }
     }
 }
@@ -327,6 +349,20 @@ impl PayloadHasher {
     }
 }
 
+/// A `HELLO` frame carrying `token`: header, token, trailer.
+pub fn hello_frame(token: &[u8]) -> Vec<u8> {
+    let mut h = FrameHeader::new(Opcode::Hello, 1);
+    h.count = 1;
+    h.payload_len = token.len() as u64;
+    let mut out = Vec::with_capacity(HEADER_LEN + token.len() + TRAILER_LEN);
+    out.extend_from_slice(&h.encode());
+    if !token.is_empty() {
+        out.extend_from_slice(token);
+        out.extend_from_slice(&payload_checksum(token).to_le_bytes());
+    }
+    out
+}
+
 /// Builds an `ERROR` reply: header plus message payload plus trailer.
 pub fn error_frame(request_id: u64, status: Status, message: &str) -> Vec<u8> {
     let mut msg = message.as_bytes();
@@ -417,12 +453,14 @@ mod tests {
             Opcode::Data,
             Opcode::WriteOk,
             Opcode::RdmaAccept,
+            Opcode::Hello,
+            Opcode::HelloOk,
             Opcode::Error,
         ] {
             assert_eq!(Opcode::from_u8(op as u8), Some(op));
         }
         assert_eq!(Opcode::from_u8(0x55), None);
-        for raw in 0..12u16 {
+        for raw in 0..14u16 {
             assert_eq!(Status::from_u16(raw) as u16, raw);
         }
         assert_eq!(Status::from_u16(999), Status::BadRequest);

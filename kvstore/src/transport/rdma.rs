@@ -183,6 +183,11 @@ impl RdmaTransport {
             Err(_) => return Err(TransferError::Unreachable(format!("{}: connect timed out", self.addr))),
         };
         let op_timeout = Duration::from_millis(self.tcp_cfg.op_timeout_ms);
+        if let Some(token) = &self.tcp_cfg.cluster_token {
+            // The side channel opens with the cluster token like any data
+            // connection.
+            super::tcp::hello(&mut stream, token.as_bytes(), op_timeout).await?;
+        }
         let reply = tokio::time::timeout(op_timeout, handshake(&mut stream, &request.encode()))
             .await
             .map_err(|_| TransferError::Timeout(self.tcp_cfg.op_timeout_ms))??;

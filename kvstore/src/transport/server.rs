@@ -11,6 +11,11 @@
 //! within one. A peer that sends garbage is disconnected, after an `ERROR`
 //! frame when its header still parsed; nothing it sends can make the server
 //! panic or touch bytes outside the segment range it named.
+//!
+//! With a cluster token configured, a connection must open with a `HELLO`
+//! frame carrying it (see [`super::frame`]); until it has, nothing else is
+//! served, and a connection that fails the check gets an `Unauthenticated`
+//! error frame and is closed.
 
 use std::io;
 use std::net::SocketAddr;
@@ -26,7 +31,7 @@ use tracing::Instrument;
 
 use super::frame::{
     error_frame, FrameHeader, HeaderError, Opcode, PayloadHasher, Status, FLAG_GRANT, GRANT_LEN, HEADER_LEN, IO_CHUNK,
-    TRAILER_LEN,
+    MAX_HELLO_PAYLOAD, TRAILER_LEN,
 };
 use super::{DataTarget, TcpConfig, TransferError};
 
@@ -174,6 +179,25 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut shutdown: 
         shutdown: shutdown.clone(),
     };
     let idle = Duration::from_millis(conn.shared.cfg.idle_timeout_ms);
+    if conn.shared.cfg.cluster_token.is_some() {
+        let handshake = tokio::select! {
+            biased;
+            _ = shutdown.wait_for(|stop| *stop) => return,
+            h = conn.handshake() => h,
+        };
+        match handshake {
+            Ok(Next::Continue) => {}
+            Ok(Next::Close) => {
+                let _ = conn.flush().await;
+                linger_close(conn.reader, conn.writer, conn.io_timeout.min(LINGER_TIMEOUT)).await;
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "connection failed in the handshake");
+                return;
+            }
+        }
+    }
     loop {
         // Replies are coalesced while more pipelined requests are already
         // buffered, and flushed before waiting for the client.
@@ -358,6 +382,46 @@ impl Connection {
         self.write_all(&hasher.finish().to_le_bytes()).await
     }
 
+    /// Reads the connection's first frame, which must be a `HELLO` with the
+    /// cluster token; `Close` (after an `Unauthenticated` reply) otherwise.
+    async fn handshake(&mut self) -> io::Result<Next> {
+        let mut raw = [0u8; HEADER_LEN];
+        self.read_exact(&mut raw).await?;
+        let refuse = match FrameHeader::decode(&raw) {
+            Ok(h) if h.op() == Some(Opcode::Hello) => return self.serve_hello(h).await,
+            Ok(h) => format!("opcode {:#04x} before the handshake", h.opcode),
+            Err(e) => format!("{e} in the first frame"),
+        };
+        tracing::warn!("refusing a data connection: {refuse}");
+        let msg = format!("this data port requires the cluster token: the first frame must be HELLO ({refuse})");
+        self.reply_error(0, Status::Unauthenticated, &msg).await.map(|()| Next::Close)
+    }
+
+    /// Checks a `HELLO`'s token (any token passes when none is configured)
+    /// and answers `HELLO_OK`, or `Unauthenticated` and `Close`.
+    async fn serve_hello(&mut self, h: FrameHeader) -> io::Result<Next> {
+        let id = h.request_id;
+        if h.payload_len > MAX_HELLO_PAYLOAD as u64 {
+            // Not read: the connection is closed anyway.
+            tracing::warn!(bytes = h.payload_len, "refusing an oversized handshake");
+            let msg = format!("handshake of {} bytes; a token is at most {MAX_HELLO_PAYLOAD}", h.payload_len);
+            return self.reply_error(id, Status::Unauthenticated, &msg).await.map(|()| Next::Close);
+        }
+        let mut presented = vec![0u8; h.payload_len as usize];
+        if !self.receive_payload(&mut presented).await? {
+            let msg = "handshake payload checksum mismatch";
+            return self.reply_error(id, Status::Unauthenticated, msg).await.map(|()| Next::Close);
+        }
+        if let Some(token) = &self.shared.cfg.cluster_token {
+            if !token.matches(&presented) {
+                tracing::warn!("refusing a data connection: wrong cluster token");
+                let msg = if presented.is_empty() { "no cluster token presented" } else { "wrong cluster token" };
+                return self.reply_error(id, Status::Unauthenticated, msg).await.map(|()| Next::Close);
+            }
+        }
+        self.write_all(&FrameHeader::new(Opcode::HelloOk, id).encode()).await.map(|()| Next::Continue)
+    }
+
     /// Serves one request whose header has been read and verified.
     async fn handle(&mut self, h: FrameHeader) -> io::Result<Next> {
         let cfg = &self.shared.cfg;
@@ -372,8 +436,9 @@ impl Connection {
             return self.reply_error(h.request_id, Status::BadRequest, msg).await.map(|()| Next::Close);
         }
         match op {
+            Opcode::Hello => return self.serve_hello(h).await,
             Opcode::Read | Opcode::ReadSsd | Opcode::Write | Opcode::RdmaConnect => {}
-            Opcode::Data | Opcode::WriteOk | Opcode::RdmaAccept | Opcode::Error => {
+            Opcode::Data | Opcode::WriteOk | Opcode::RdmaAccept | Opcode::HelloOk | Opcode::Error => {
                 let msg = format!("reply opcode {op:?} sent as a request");
                 return self.reply_error(h.request_id, Status::BadRequest, &msg).await.map(|()| Next::Close);
             }

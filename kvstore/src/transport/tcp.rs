@@ -14,6 +14,10 @@
 //! reply arrived — typically one the server closed while it sat idle — is
 //! retried once on a fresh connection (reads and writes to a reserved range
 //! are idempotent).
+//!
+//! With a cluster token (`TcpConfig::cluster_token`) every new connection
+//! first sends `HELLO` and waits for `HELLO_OK` (see [`super::frame`]): one
+//! round trip per connection, none per batch.
 
 use std::future::Future;
 use std::io;
@@ -26,7 +30,7 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpSocket;
 
 use super::frame::{
-    FrameHeader, HeaderError, Opcode, PayloadHasher, Status, FLAG_GRANT, GRANT_LEN, HEADER_LEN, IO_CHUNK,
+    hello_frame, FrameHeader, HeaderError, Opcode, PayloadHasher, Status, FLAG_GRANT, GRANT_LEN, HEADER_LEN, IO_CHUNK,
     MAX_ERROR_MESSAGE, TRAILER_LEN,
 };
 use super::{BoxFuture, ReadOp, TcpConfig, TransferError, Transport, TransportKind, WriteOp};
@@ -97,7 +101,7 @@ impl TcpTransport {
             let _ = socket.set_recv_buffer_size(bytes);
         }
         let timeout = Duration::from_millis(self.cfg.connect_timeout_ms);
-        let stream = match tokio::time::timeout(timeout, socket.connect(self.addr)).await {
+        let mut stream = match tokio::time::timeout(timeout, socket.connect(self.addr)).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => return Err(unreachable(e)),
             Err(_) => {
@@ -106,6 +110,9 @@ impl TcpTransport {
             }
         };
         stream.set_nodelay(true).map_err(unreachable)?;
+        if let Some(token) = &self.cfg.cluster_token {
+            hello(&mut stream, token.as_bytes(), self.op_timeout()).await?;
+        }
         let (r, w) = stream.into_split();
         Ok(Conn {
             reader: BufReader::with_capacity(READ_BUFFER, r),
@@ -286,6 +293,29 @@ fn fill(slots: &mut [Slot], e: &TransferError) {
 fn finish(slots: Vec<Slot>) -> Vec<Result<(), TransferError>> {
     let missing = || Err(TransferError::Protocol("op left unanswered".to_owned()));
     slots.into_iter().map(|s| s.unwrap_or_else(missing)).collect()
+}
+
+/// Opens a connection with the cluster token (`HELLO`, see [`super::frame`])
+/// and waits for the server's `HELLO_OK`; a refusal comes back as the
+/// server's `Unauthenticated` error.
+pub(super) async fn hello<S>(stream: &mut S, token: &[u8], timeout: Duration) -> Result<(), TransferError>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    timed(timeout, stream.write_all(&hello_frame(token))).await?;
+    let mut raw = [0u8; HEADER_LEN];
+    timed(timeout, stream.read_exact(&mut raw)).await?;
+    let h = FrameHeader::decode(&raw).map_err(|e| TransferError::Protocol(format!("handshake reply: {e}")))?;
+    match h.op() {
+        Some(Opcode::HelloOk) if h.payload_len == 0 => Ok(()),
+        Some(Opcode::Error) if h.payload_len <= MAX_ERROR_MESSAGE as u64 => {
+            let mut msg = vec![0u8; h.payload_len as usize + if h.payload_len > 0 { TRAILER_LEN } else { 0 }];
+            timed(timeout, stream.read_exact(&mut msg)).await?;
+            msg.truncate(h.payload_len as usize);
+            Err(Status::from_u16(h.status).into_error(&String::from_utf8_lossy(&msg)))
+        }
+        _ => Err(TransferError::Protocol(format!("unexpected handshake reply opcode {:#04x}", h.opcode))),
+    }
 }
 
 fn too_large(len: usize, max: u64) -> TransferError {
