@@ -126,6 +126,10 @@ impl DataTarget for NodeData {
         self.segments.get(id as usize).cloned()
     }
 
+    fn ssd_block_fits(&self, key: BlockKey, len: u64) -> bool {
+        self.ssd.as_ref().and_then(|s| s.entry(key)).is_some_and(|e| e.len == len)
+    }
+
     fn read_ssd(&self, key: BlockKey, dst: &mut [u8]) -> Result<(), TransferError> {
         let ssd = self.ssd.as_ref().ok_or(TransferError::NotFound)?;
         // A corrupt block is already dropped by the tier: to the reader it is a miss.

@@ -17,6 +17,7 @@ use tandem_kvstore::client::{ClientConfig, PutOutcome, StoreClient};
 use tandem_kvstore::master::{self, MasterConfig, MasterHandle};
 use tandem_kvstore::node::{self, NodeHandle, StorageConfig};
 use tandem_kvstore::ssd::block_file_name;
+use tandem_kvstore::transport::frame::{FrameHeader, Opcode, Status, HEADER_LEN};
 use tandem_kvstore::transport::{TransportConfig, TransportPreference};
 use tandem_proto::kvstore as pb;
 use tandem_proto::kvstore::master_client::MasterClient;
@@ -347,4 +348,43 @@ async fn a_full_disk_fails_demotions_cleanly_and_dram_keeps_serving() {
     store.assert_files_match_entries().await;
     store.stop().await;
     drop(mount);
+}
+
+/// Sends one request frame over a raw data connection and returns the
+/// reply's header.
+fn raw_request(addr: std::net::SocketAddr, h: &FrameHeader) -> FrameHeader {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(&h.encode()).unwrap();
+    let mut raw = [0u8; HEADER_LEN];
+    s.read_exact(&mut raw).unwrap();
+    FrameHeader::decode(&raw).expect("a well-formed reply")
+}
+
+/// A raw SSD read must name a block the node holds at its stored length:
+/// anything else is a miss, answered before the node sets aside the
+/// requested length (a client could otherwise have it allocate up to the
+/// frame limit per request for blocks that do not exist).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ssd_reads_of_absent_blocks_or_wrong_lengths_are_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = start_store(dir.path(), 64 << 20, 0.3, 0.1).await;
+    let tcp = store.client(TransportPreference::Tcp);
+    put_keys(&tcp, 200..212).await;
+    store.wait_settled(0.3).await;
+    let key = store.ssd_only().await[0];
+    let read = |key: u64, len: u64| {
+        let mut h = FrameHeader::new(Opcode::ReadSsd, 7);
+        (h.count, h.offset, h.len) = (1, key, len);
+        h
+    };
+    let addr = store.node.peer.data_addr;
+    let ok = raw_request(addr, &read(key, BLOCK as u64));
+    assert_eq!((ok.op(), ok.payload_len), (Some(Opcode::Data), BLOCK as u64), "{ok:?}");
+    for (key, len) in [(key, BLOCK as u64 + 1), (key, 1), (0xdead_beef, 64 << 20)] {
+        let r = raw_request(addr, &read(key, len));
+        assert_eq!((r.op(), r.status), (Some(Opcode::Error), Status::NotFound as u16), "key {key:x} len {len}: {r:?}");
+    }
+    assert_eq!(hits(&tcp, &[key]).await, vec![key], "the node still serves the block");
 }

@@ -130,6 +130,15 @@ pub trait DataTarget: Send + Sync + 'static {
     /// [`TransferError::NotFound`] when the node has no such block.
     fn read_ssd(&self, key: BlockKey, dst: &mut [u8]) -> Result<(), TransferError>;
 
+    /// Whether SSD block `key` may be `len` bytes long, asked before the
+    /// server allocates `len` bytes for a read (so a request for a block
+    /// the node does not hold costs no memory). The default says yes and
+    /// leaves the answer to [`DataTarget::read_ssd`].
+    fn ssd_block_fits(&self, key: BlockKey, len: u64) -> bool {
+        let _ = (key, len);
+        true
+    }
+
     /// Whether a write of `len` bytes at `offset` of `segment`, carrying
     /// the encoded `grant` (if any), may land; `Err(why)` refuses it before
     /// a byte is written. The default takes every in-bounds write (test and

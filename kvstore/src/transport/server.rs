@@ -490,6 +490,10 @@ impl Connection {
         self.flush().await?;
         let target = self.shared.target.clone();
         let (key, len) = (BlockKey(h.offset), h.len as usize);
+        if !self.shared.target.ssd_block_fits(key, h.len) {
+            let msg = format!("no SSD block {:016x} of {} bytes", key.0, h.len);
+            return self.reply_error(h.request_id, Status::NotFound, &msg).await;
+        }
         let read = tokio::task::spawn_blocking(move || {
             let mut buf = vec![0u8; len];
             target.read_ssd(key, &mut buf).map(|()| buf)
