@@ -636,6 +636,18 @@ mod tests {
     }
 
     #[test]
+    fn block_files_are_owner_only() -> anyhow::Result<()> {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir()?;
+        let tier = SsdTier::open(dir.path(), 1 << 20)?;
+        let block = vec![5u8; 4096];
+        tier.write(BlockKey(11), &block, BlockChecksum::of(&block))?;
+        let mode = fs::metadata(tier.block_path(BlockKey(11)))?.permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "cached KV must not be readable by other users");
+        Ok(())
+    }
+
+    #[test]
     fn temp_files_sit_next_to_the_block_file() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         let tier = SsdTier::open(dir.path(), 0)?;

@@ -76,7 +76,9 @@ fn with_direct_fallback(
 }
 
 fn create(path: &Path, extra_flags: libc::c_int) -> io::Result<File> {
-    OpenOptions::new().write(true).create(true).truncate(true).mode(0o644).custom_flags(extra_flags).open(path)
+    // Owner-only: same-host readers map these files as the node's user, and
+    // nobody else should read cached KV.
+    OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).custom_flags(extra_flags).open(path)
 }
 
 fn write_direct(path: &Path, bytes: &[u8], sync: bool) -> io::Result<()> {
