@@ -187,11 +187,7 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut shutdown: 
         };
         match handshake {
             Ok(Next::Continue) => {}
-            Ok(Next::Close) => {
-                let _ = conn.flush().await;
-                linger_close(conn.reader, conn.writer, conn.io_timeout.min(LINGER_TIMEOUT)).await;
-                return;
-            }
+            Ok(Next::Close) => return conn.close_after_reply().await,
             Err(e) => {
                 tracing::debug!(error = %e, "connection failed in the handshake");
                 return;
@@ -244,13 +240,7 @@ async fn serve_connection(stream: TcpStream, shared: Arc<Shared>, mut shutdown: 
         };
         match next {
             Ok(Next::Continue) => {}
-            Ok(Next::Close) => {
-                // The client may still be sending (say, a refused payload):
-                // make sure it gets to read why it is being dropped.
-                let _ = conn.flush().await;
-                linger_close(conn.reader, conn.writer, conn.io_timeout.min(LINGER_TIMEOUT)).await;
-                return;
-            }
+            Ok(Next::Close) => return conn.close_after_reply().await,
             Err(e) => {
                 tracing::debug!(error = %e, "connection failed mid-frame");
                 // Replies to the requests before this frame still go out
@@ -380,6 +370,14 @@ impl Connection {
             self.write_all(chunk).await?;
         }
         self.write_all(&hasher.finish().to_le_bytes()).await
+    }
+
+    /// Flushes the error reply and closes. The client may still be sending
+    /// (say, a refused payload): lingering makes sure it gets to read why it
+    /// is being dropped.
+    async fn close_after_reply(mut self) {
+        let _ = self.flush().await;
+        linger_close(self.reader, self.writer, self.io_timeout.min(LINGER_TIMEOUT)).await;
     }
 
     /// Reads the connection's first frame, which must be a `HELLO` with the
