@@ -43,6 +43,10 @@ async fn malformed_requests_are_rejected_with_reasons() {
     assert_eq!(e.code(), Code::InvalidArgument);
     let e = code(m.lookup(pb::LookupRequest { keys: (0..1000).collect() }).await);
     assert_eq!(e.code(), Code::InvalidArgument);
+    let e = code(m.touch(pb::TouchRequest { keys: (0..65).collect() }).await);
+    assert_eq!(e.code(), Code::InvalidArgument);
+    // Touching keys nobody stored is harmless: none found.
+    assert_eq!(m.touch(pb::TouchRequest { keys: vec![7, 8] }).await.unwrap().into_inner().found, 0);
 
     // Registrations that make no sense.
     let reg = |ep: Option<pb::NodeEndpoint>| pb::RegisterNodeRequest { endpoint: ep, ..Default::default() };

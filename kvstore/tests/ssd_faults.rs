@@ -63,9 +63,14 @@ async fn start_store(ssd_dir: &Path, ssd_bytes: u64, high: f64, low: f64) -> Sto
 }
 
 impl Store {
+    /// A client that asks the master for every read: these tests are about
+    /// where the master sends it (the SSD tier), not about DRAM ranges the
+    /// writer remembers (demoted blocks' old ranges may still hold their
+    /// bytes; `known_locations.rs` covers reads from those).
     fn client(&self, prefer: TransportPreference) -> StoreClient {
         let cfg = ClientConfig {
             master: self.master.local_addr().to_string(),
+            location_cache_blocks: 0,
             transport: TransportConfig { prefer, ..TransportConfig::default() },
             ..ClientConfig::default()
         };

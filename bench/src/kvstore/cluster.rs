@@ -92,8 +92,19 @@ impl Cluster {
 
     /// A new client (its own gRPC channel and transports) preferring `prefer`.
     pub fn client(&self, prefer: TransportPreference) -> anyhow::Result<Arc<StoreClient>> {
+        self.client_with(prefer, ClientConfig::default().location_cache_blocks)
+    }
+
+    /// A new client remembering at most `location_cache_blocks` block
+    /// locations (0: every get asks the master).
+    pub fn client_with(
+        &self,
+        prefer: TransportPreference,
+        location_cache_blocks: usize,
+    ) -> anyhow::Result<Arc<StoreClient>> {
         let cfg = ClientConfig {
             master: self.master_addr.to_string(),
+            location_cache_blocks,
             transport: TransportConfig { prefer, ..TransportConfig::default() },
             ..ClientConfig::default()
         };

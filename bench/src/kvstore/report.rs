@@ -220,6 +220,19 @@ fn versus_items(v: &VersusResult, settings: &Settings, items: &mut Vec<Item>) {
                 });
             }
         }
+        for (system, tname) in [(System::StoreShmLeased, "shm"), (System::StoreTcpLeased, "tcp")] {
+            if let (Some(store), Some(redis)) = (v.find(system, Op::Get, size), v.find(System::Redis, Op::Get, size)) {
+                items.push(Item {
+                    key: format!("get_leased_vs_redis_{tname}_{t}"),
+                    value: ratio(store.ops_per_s, redis.ops_per_s),
+                    target: None,
+                    detail: format!(
+                        "{:.0} vs {:.0} op/s: first reads (no known location: GetReplicas under a lease each time)",
+                        store.ops_per_s, redis.ops_per_s
+                    ),
+                });
+            }
+        }
         if let (Some(c), Some(r)) = (v.find(System::ControlPath, Op::Get, size), v.find(System::Redis, Op::Get, size)) {
             items.push(Item {
                 key: format!("store_control_path_only_get_vs_redis_{t}"),
@@ -269,6 +282,15 @@ fn standard_notes(out: &Outcome) -> Vec<String> {
              redis-benchmark figures are a cross-check only. CPU per op counts this process plus redis-server. \
              Store puts write fresh keys into DRAM the node has already touched; `redis` puts overwrite keys \
              (memory Redis already has), `redis_fresh_keys` puts new keys; put ratios use the faster of the two."
+                .to_owned(),
+        );
+        notes.push(
+            "store gets: store_shm/store_tcp are the client as shipped; it remembers the locations of blocks \
+             it has read or written (bounded, ClientConfig::location_cache_blocks) and reads them again without \
+             the master, validating the bytes by the block's checksum (a stale location falls back to a leased \
+             read). Each of these clients read the whole get set once before the timed runs (untimed). \
+             store_*_leased clients have the cache off: every get is GetReplicas under a lease + the transfer \
+             (+ ReleaseLease off the caller's path), the cost of a block's first read by a client."
                 .to_owned(),
         );
         notes.push(

@@ -81,8 +81,14 @@ pub enum System {
     Redis,
     /// Redis puts of fresh keys (new allocations every time).
     RedisFreshKeys,
+    /// The store's client as shipped: blocks it has read before come
+    /// straight from their known location (checksum-validated, no master).
     StoreShm,
     StoreTcp,
+    /// The client with its location cache off: every get asks the master
+    /// for replicas under a lease (a block's first read by a client).
+    StoreShmLeased,
+    StoreTcpLeased,
     /// Transport read + checksum, no master (gets only).
     DataPathShm,
     DataPathTcp,
@@ -99,6 +105,8 @@ impl System {
             System::RedisFreshKeys => "redis_fresh_keys",
             System::StoreShm => "store_shm",
             System::StoreTcp => "store_tcp",
+            System::StoreShmLeased => "store_shm_leased",
+            System::StoreTcpLeased => "store_tcp_leased",
             System::DataPathShm => "store_shm_data_path_only",
             System::DataPathTcp => "store_tcp_data_path_only",
             System::ControlPath => "store_control_path_only",
@@ -132,6 +140,8 @@ const PLAN: &[(System, Op)] = &[
     (System::StoreShm, Op::Get),
     (System::StoreTcp, Op::Put),
     (System::StoreTcp, Op::Get),
+    (System::StoreShmLeased, Op::Get),
+    (System::StoreTcpLeased, Op::Get),
     (System::DataPathShm, Op::Get),
     (System::DataPathTcp, Op::Get),
     (System::ControlPath, Op::Get),
@@ -230,6 +240,8 @@ struct Bench<'a> {
     admin: Option<Arc<StoreClient>>,
     shm: Vec<Arc<StoreClient>>,
     tcp: Vec<Arc<StoreClient>>,
+    shm_leased: Vec<Arc<StoreClient>>,
+    tcp_leased: Vec<Arc<StoreClient>>,
     shm_transports: Vec<Arc<dyn Transport>>,
     tcp_transports: Vec<Arc<dyn Transport>>,
     redis_conns: Option<Vec<RespConn>>,
@@ -251,6 +263,8 @@ impl<'a> Bench<'a> {
             admin: None,
             shm: Vec::new(),
             tcp: Vec::new(),
+            shm_leased: Vec::new(),
+            tcp_leased: Vec::new(),
             shm_transports: Vec::new(),
             tcp_transports: Vec::new(),
             redis_conns: None,
@@ -267,13 +281,16 @@ impl<'a> Bench<'a> {
         for prefer in [TransportPreference::Shm, TransportPreference::Tcp] {
             let cfg = TransportConfig { prefer, ..TransportConfig::default() };
             let clients = (0..n).map(|_| self.cluster.client(prefer)).collect::<anyhow::Result<Vec<_>>>()?;
+            let leased = (0..n).map(|_| self.cluster.client_with(prefer, 0)).collect::<anyhow::Result<Vec<_>>>()?;
             let transports = (0..n)
                 .map(|_| connect(self.cluster.peer(), &local_host_id(), &cfg))
                 .collect::<Result<Vec<_>, _>>()
                 .with_context(|| format!("connecting a {prefer:?} transport"))?;
             match prefer {
-                TransportPreference::Shm => (self.shm, self.shm_transports) = (clients, transports),
-                _ => (self.tcp, self.tcp_transports) = (clients, transports),
+                TransportPreference::Shm => {
+                    (self.shm, self.shm_leased, self.shm_transports) = (clients, leased, transports)
+                }
+                _ => (self.tcp, self.tcp_leased, self.tcp_transports) = (clients, leased, transports),
             }
         }
         if let Some(server) = self.redis {
@@ -349,6 +366,17 @@ impl<'a> Bench<'a> {
             // Nothing moves these blocks (no eviction, tiering or replication
             // here), so the locations stay valid without the lease.
             master.release_lease(pb::ReleaseLeaseRequest { lease_id: reply.lease_id }).await?;
+        }
+        // The shipped clients have each read the whole set once (not timed):
+        // the steady state of a client re-reading blocks, e.g. a prefill
+        // node reusing a hot prefix. The leased clients measure first reads.
+        for c in self.shm.iter().chain(&self.tcp) {
+            for chunk in keys.chunks(((64 << 20) / size).max(1)) {
+                let got = c.get(chunk, size).await?;
+                if got.iter().any(Option::is_none) {
+                    bail!("a populated key is missing");
+                }
+            }
         }
         if let Some(conn) = self.redis_conns.as_mut().and_then(|c| c.first_mut()) {
             for (i, k) in redis_keys.iter().enumerate() {
@@ -436,8 +464,13 @@ impl<'a> Bench<'a> {
                 self.remove(&all).await?;
                 m
             }
-            (System::StoreShm | System::StoreTcp, Op::Get) => {
-                let clients = if system == System::StoreShm { &self.shm } else { &self.tcp };
+            (System::StoreShm | System::StoreTcp | System::StoreShmLeased | System::StoreTcpLeased, Op::Get) => {
+                let clients = match system {
+                    System::StoreShm => &self.shm,
+                    System::StoreTcp => &self.tcp,
+                    System::StoreShmLeased => &self.shm_leased,
+                    _ => &self.tcp_leased,
+                };
                 let picks = self.get_picks(size, rep, set.keys.len());
                 let readers = self.readers(clients.clone());
                 let (readers, m) = workers::timed(readers, None, |i, r, b| {
@@ -480,7 +513,14 @@ impl<'a> Bench<'a> {
                 self.remove(&all).await?;
                 m
             }
-            (System::DataPathShm | System::DataPathTcp | System::GetReplicasOnly, Op::Put)
+            (
+                System::DataPathShm
+                | System::DataPathTcp
+                | System::GetReplicasOnly
+                | System::StoreShmLeased
+                | System::StoreTcpLeased,
+                Op::Put,
+            )
             | (System::Redis | System::RedisFreshKeys, _) => {
                 bail!("no {} {} workload", system.name(), op.name())
             }

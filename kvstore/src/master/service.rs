@@ -398,6 +398,13 @@ impl Master for MasterRpc {
         Ok(Response::new(pb::ReleaseLeaseReply {}))
     }
 
+    async fn touch(&self, request: Request<pb::TouchRequest>) -> Result<Response<pb::TouchReply>, Status> {
+        let req = request.into_inner();
+        wire::check_batch("keys", req.keys.len(), self.cfg.max_batch)?;
+        let found = self.shared.with(|s| s.touch(&keys_of(&req.keys)))??;
+        Ok(Response::new(pb::TouchReply { found }))
+    }
+
     async fn lookup(&self, request: Request<pb::LookupRequest>) -> Result<Response<pb::LookupReply>, Status> {
         let req = request.into_inner();
         wire::check_batch("keys", req.keys.len(), self.cfg.max_batch)?;

@@ -773,42 +773,19 @@ impl MasterState {
         let mut leased = Vec::new();
         let (mut hits, mut misses) = (0u64, 0u64);
         for &key in keys {
-            let Some(o) = self.objects.get_mut(&key).filter(|o| o.readable()) else {
+            let Some(set) = self.record_read(key) else {
                 misses += 1;
                 out.push(None);
                 continue;
             };
-            let mut replicas: Vec<Replica> = o.replicas.iter().filter(|r| r.ready).map(|r| r.replica.clone()).collect();
-            if replicas.is_empty() {
-                misses += 1;
-                out.push(None);
-                continue;
-            }
-            replicas.sort_by_key(Replica::tier);
             hits += 1;
-            o.hits = o.hits.saturating_add(1);
-            if self.cfg.hot_threshold > 0 && o.hits >= self.cfg.hot_threshold {
-                self.hot_candidates.insert(key);
-            }
-            if replicas[0].tier() == Tier::Ssd {
-                o.ssd_hits = o.ssd_hits.saturating_add(1);
-                if o.ssd_hits >= self.cfg.promote_after_hits {
-                    self.promote_candidates.insert(key);
-                }
-            }
             if !leased.contains(&key) {
-                o.leases += 1;
+                if let Some(o) = self.objects.get_mut(&key) {
+                    o.leases += 1;
+                }
                 leased.push(key);
             }
-            for r in &replicas {
-                if let Some(n) = self.nodes.get_mut(&r.node) {
-                    match r.tier() {
-                        Tier::Dram => n.dram.touch(&key),
-                        Tier::Ssd => n.ssd.touch(&key),
-                    }
-                }
-            }
-            out.push(Some(ReplicaSet { key, len: o.len, checksum: o.checksum, replicas }));
+            out.push(Some(set));
         }
         self.bump("get_hits", hits);
         self.bump("get_misses", misses);
@@ -820,6 +797,54 @@ impl MasterState {
             id
         };
         Ok((lease_id, lease_ms, out))
+    }
+
+    /// Counts reads clients served themselves from locations they already
+    /// knew (validated by checksum, no lease), as `get_replicas` counts its
+    /// reads. Returns how many keys are still stored.
+    pub fn touch(&mut self, keys: &[BlockKey]) -> Result<u32, MasterError> {
+        if keys.len() > self.cfg.max_batch {
+            return Err(MasterError::Invalid(format!(
+                "{} keys exceed the batch limit {}",
+                keys.len(),
+                self.cfg.max_batch
+            )));
+        }
+        let found = keys.iter().filter(|&&key| self.record_read(key).is_some()).count();
+        self.bump("touched", found as u64);
+        Ok(found as u32)
+    }
+
+    /// One read of `key`: its readable replicas (DRAM first), after counting
+    /// the read toward heat (replication), SSD promotion and each replica's
+    /// eviction recency. `None` when the key is not readable.
+    fn record_read(&mut self, key: BlockKey) -> Option<ReplicaSet> {
+        let o = self.objects.get_mut(&key).filter(|o| o.readable())?;
+        let mut replicas: Vec<Replica> = o.replicas.iter().filter(|r| r.ready).map(|r| r.replica.clone()).collect();
+        if replicas.is_empty() {
+            return None;
+        }
+        replicas.sort_by_key(Replica::tier);
+        o.hits = o.hits.saturating_add(1);
+        if self.cfg.hot_threshold > 0 && o.hits >= self.cfg.hot_threshold {
+            self.hot_candidates.insert(key);
+        }
+        if replicas[0].tier() == Tier::Ssd {
+            o.ssd_hits = o.ssd_hits.saturating_add(1);
+            if o.ssd_hits >= self.cfg.promote_after_hits {
+                self.promote_candidates.insert(key);
+            }
+        }
+        let set = ReplicaSet { key, len: o.len, checksum: o.checksum, replicas };
+        for r in &set.replicas {
+            if let Some(n) = self.nodes.get_mut(&r.node) {
+                match r.tier() {
+                    Tier::Dram => n.dram.touch(&key),
+                    Tier::Ssd => n.ssd.touch(&key),
+                }
+            }
+        }
+        Some(set)
     }
 
     /// Ends a lease early. Unknown ids (expired, or from before a restart) are fine.

@@ -27,6 +27,10 @@ use crate::transport::{
 use crate::types::{Location, PeerInfo, Replica};
 use crate::wire;
 
+mod locations;
+
+use locations::{Known, LocationCache, PendingTouches};
+
 /// Client settings (`[kvstore.client]`-style tables in the cluster file).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -41,6 +45,11 @@ pub struct ClientConfig {
     pub rpc_timeout_ms: u64,
     /// Preferred node for the first copy of a put (e.g. a colocated node).
     pub prefer_node: Option<String>,
+    /// Blocks whose locations the client remembers (0 = off), so that
+    /// reading them again skips the master: the bytes are checked against
+    /// the block's checksum, and a stale location is a fallback to the
+    /// leased read, never wrong bytes ([`locations`]).
+    pub location_cache_blocks: usize,
     pub transport: TransportConfig,
     /// Sent on every call to the master and on every data connection
     /// (filled in at start from `[auth]`, never read from the file).
@@ -56,6 +65,7 @@ impl Default for ClientConfig {
             lease_ms: 0,
             rpc_timeout_ms: 10_000,
             prefer_node: None,
+            location_cache_blocks: 65_536,
             transport: TransportConfig::default(),
             cluster_token: None,
         }
@@ -137,6 +147,20 @@ pub struct ClientMetrics {
     pub checksum_mismatches: AtomicU64,
     /// Replica reads that failed in transfer (retried elsewhere or missed).
     pub read_failures: AtomicU64,
+    /// Blocks read from a location the client already knew (no master call).
+    pub location_hits: AtomicU64,
+    /// Known locations that no longer held the block (read again through
+    /// the master).
+    pub stale_locations: AtomicU64,
+}
+
+/// Where a read's replicas came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Locations the client remembered: no lease, validated by checksum.
+    Known,
+    /// A `GetReplicas` answer, under its lease.
+    Leased,
 }
 
 /// A connection to the store.
@@ -146,6 +170,8 @@ pub struct StoreClient {
     master: MasterClient<AuthChannel>,
     host_id: String,
     peers: Mutex<HashMap<String, Peer>>,
+    locations: LocationCache,
+    touches: PendingTouches,
     metrics: ClientMetrics,
     /// When set, every transport is wrapped in a [`FaultyTransport`] (tests).
     faults: Option<Faults>,
@@ -181,11 +207,14 @@ impl StoreClient {
             // The data plane's handshake carries the same token.
             cfg.transport.tcp.cluster_token = cfg.cluster_token.clone();
         }
+        let locations = LocationCache::new(cfg.location_cache_blocks);
         Ok(StoreClient {
             cfg,
             master,
             host_id: local_host_id(),
             peers: Mutex::new(HashMap::new()),
+            locations,
+            touches: PendingTouches::new(),
             metrics: Default::default(),
             faults: None,
         })
@@ -200,6 +229,11 @@ impl StoreClient {
 
     pub fn metrics(&self) -> &ClientMetrics {
         &self.metrics
+    }
+
+    /// How many block locations the client remembers.
+    pub fn known_locations(&self) -> usize {
+        self.locations.len()
     }
 
     /// The master's gRPC client, for admin calls (stats, listings).
@@ -388,6 +422,13 @@ impl StoreClient {
             }
             self.metrics.puts.fetch_add(count, Ordering::Relaxed);
             self.metrics.put_bytes.fetch_add(written, Ordering::Relaxed);
+            for (slot, sum) in put.slots.iter().zip(checksums) {
+                if slot.outcome == PutOutcome::Stored {
+                    if let Some(known) = Known::dram(slot.len, sum.0, &slot.replicas) {
+                        self.locations.insert(slot.key, known);
+                    }
+                }
+            }
         }
         if published < reserved {
             // Give back what was reserved but not written (else it times out).
@@ -408,36 +449,113 @@ impl StoreClient {
     /// transport allows). `Some(len)` = hit, the first `len` bytes are the
     /// block, checksum-verified; `None` = miss (absent, unreadable, corrupt,
     /// or larger than its buffer).
+    ///
+    /// Blocks whose location the client already knows are read straight
+    /// from it (no master call); the rest, and any known location that went
+    /// stale, are read under a lease from the replicas the master names.
     pub async fn get_into(&self, keys: &[BlockKey], bufs: &mut [&mut [u8]]) -> Result<Vec<Option<usize>>, StoreError> {
         if keys.len() != bufs.len() {
             return Err(StoreError::Invalid(format!("{} keys but {} buffers", keys.len(), bufs.len())));
         }
+        let mut found: Vec<Option<usize>> = vec![None; keys.len()];
+        let known: Vec<Option<Known>> = keys.iter().map(|k| self.locations.get(k)).collect();
+        if known.iter().any(Option::is_some) {
+            let mut wanted: Vec<Option<(usize, u64, Vec<Replica>)>> = known
+                .into_iter()
+                .enumerate()
+                .map(|(i, k)| {
+                    k.filter(|k| k.len as usize <= bufs[i].len()).map(|k| (k.len as usize, k.checksum, k.replicas))
+                })
+                .collect();
+            self.read_replicas(keys, bufs, &mut wanted, &mut found, Source::Known).await;
+            let served = keys.iter().zip(&found).filter(|(_, f)| f.is_some()).map(|(k, _)| *k);
+            if let Some(batch) = self.touches.add(served) {
+                let mut master = self.master.clone();
+                tokio::spawn(async move {
+                    for keys in batch.chunks(PendingTouches::BATCH) {
+                        if let Err(e) = master.touch(pb::TouchRequest { keys: keys.to_vec() }).await {
+                            tracing::debug!("touch failed (eviction sees fewer reads): {e}");
+                        }
+                    }
+                });
+            }
+        }
+        let rest: Vec<usize> = (0..keys.len()).filter(|&i| found[i].is_none()).collect();
+        if !rest.is_empty() {
+            self.get_leased(keys, bufs, &rest, &mut found).await?;
+        }
+        self.metrics.gets.fetch_add(keys.len() as u64, Ordering::Relaxed);
+        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
+        self.metrics.hits.fetch_add(hits, Ordering::Relaxed);
+        self.metrics.misses.fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
+        Ok(found)
+    }
+
+    /// Reads `keys[i]` for each `i` of `which` under a lease from the
+    /// replicas the master names, and remembers where they were.
+    async fn get_leased(
+        &self,
+        keys: &[BlockKey],
+        bufs: &mut [&mut [u8]],
+        which: &[usize],
+        found: &mut [Option<usize>],
+    ) -> Result<(), StoreError> {
         let reply = self
             .master
             .clone()
             .get_replicas(pb::GetReplicasRequest {
-                keys: keys.iter().map(|k| k.0).collect(),
+                keys: which.iter().map(|&i| keys[i].0).collect(),
                 lease_ms: self.cfg.lease_ms,
             })
             .await?
             .into_inner();
-        if reply.entries.len() != keys.len() {
+        if reply.entries.len() != which.len() {
             return Err(StoreError::MasterUnavailable("get_replicas answered the wrong number of entries".into()));
         }
-        self.metrics.gets.fetch_add(keys.len() as u64, Ordering::Relaxed);
         // Per key: (len, checksum, replicas still to try).
-        let mut wanted: Vec<Option<(usize, u64, Vec<Replica>)>> = Vec::with_capacity(keys.len());
-        for (i, e) in reply.entries.into_iter().enumerate() {
-            let fits = e.found && (e.len as usize) <= bufs[i].len();
+        let mut wanted: Vec<Option<(usize, u64, Vec<Replica>)>> = vec![None; keys.len()];
+        for (&i, e) in which.iter().zip(reply.entries) {
             let replicas: Vec<Replica> = e
                 .replicas
                 .into_iter()
                 .filter_map(|r| wire::replica_from_pb(keys[i], r).ok())
                 .filter(|r| r.len == e.len)
                 .collect();
-            wanted.push((fits && !replicas.is_empty()).then_some((e.len as usize, e.checksum, replicas)));
+            if e.found {
+                if let Some(known) = Known::dram(e.len, e.checksum, &replicas) {
+                    self.locations.insert(keys[i], known);
+                }
+            }
+            let fits = e.found && (e.len as usize) <= bufs[i].len();
+            wanted[i] = (fits && !replicas.is_empty()).then_some((e.len as usize, e.checksum, replicas));
         }
-        let mut found: Vec<Option<usize>> = vec![None; keys.len()];
+        self.read_replicas(keys, bufs, &mut wanted, found, Source::Leased).await;
+        if reply.lease_id != 0 {
+            // Off the caller's path; best effort: an unreleased lease expires on its own.
+            let mut master = self.master.clone();
+            let release = pb::ReleaseLeaseRequest { lease_id: reply.lease_id };
+            tokio::spawn(async move {
+                if let Err(e) = master.release_lease(release).await {
+                    tracing::debug!("lease release failed (it will expire): {e}");
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads every wanted key (`(len, checksum, replicas)`) into its buffer,
+    /// trying its replicas in turn, and records hits in `found`. Bytes that
+    /// fail their checksum are never a hit. A bad leased replica is reported
+    /// to the master; a known location that fails is forgotten (it went
+    /// stale, or its node is gone) and left to the leased read.
+    async fn read_replicas(
+        &self,
+        keys: &[BlockKey],
+        bufs: &mut [&mut [u8]],
+        wanted: &mut [Option<(usize, u64, Vec<Replica>)>],
+        found: &mut [Option<usize>],
+        source: Source,
+    ) {
         // Each round reads every unresolved key from its next replica.
         for _round in 0..4 {
             let mut per_node: HashMap<(String, u64), Vec<(usize, Replica)>> = HashMap::new();
@@ -469,7 +587,14 @@ impl StoreClient {
                 groups.push((node, incarnation, dsts));
             }
             let reads = groups.into_iter().map(|(node, incarnation, dsts)| async move {
-                let peer = self.peer(&node, incarnation).await;
+                let peer = match source {
+                    Source::Leased => self.peer(&node, incarnation).await,
+                    // A node the client is not connected to (or an old life
+                    // of one) is not worth a directory lookup here.
+                    Source::Known => self
+                        .cached_peer(&node, incarnation)
+                        .ok_or_else(|| TransferError::Unreachable(format!("storage node {node} not connected"))),
+                };
                 let mut ops: Vec<ReadOp<'_>> = Vec::with_capacity(dsts.len());
                 let mut meta = Vec::with_capacity(dsts.len());
                 for (i, r, dst) in dsts {
@@ -490,17 +615,26 @@ impl StoreClient {
             });
             for (i, replica, verdict) in futures::future::join_all(reads).await.into_iter().flatten() {
                 let Some((len, checksum, _)) = &wanted[i] else { continue };
-                match verdict {
-                    Ok(sum) if sum == *checksum => {
+                match (verdict, source) {
+                    (Ok(sum), _) if sum == *checksum => {
                         found[i] = Some(*len);
                         self.metrics.get_bytes.fetch_add(*len as u64, Ordering::Relaxed);
+                        if source == Source::Known {
+                            self.metrics.location_hits.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                    Ok(_) => {
+                    (_, Source::Known) => {
+                        self.metrics.stale_locations.fetch_add(1, Ordering::Relaxed);
+                        self.locations.forget(&keys[i]);
+                        wanted[i] = None;
+                    }
+                    (Ok(_), Source::Leased) => {
                         self.metrics.checksum_mismatches.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(key = format_args!("{:016x}", keys[i].0), node = %replica.node, "checksum mismatch; trying another replica");
+                        self.locations.forget(&keys[i]);
                         self.report_bad(keys[i], &replica, "checksum mismatch").await;
                     }
-                    Err(e) => {
+                    (Err(e), Source::Leased) => {
                         self.metrics.read_failures.fetch_add(1, Ordering::Relaxed);
                         if matches!(e, TransferError::NotFound) {
                             self.report_bad(keys[i], &replica, "not found on node").await;
@@ -510,20 +644,6 @@ impl StoreClient {
                 }
             }
         }
-        if reply.lease_id != 0 {
-            // Off the caller's path; best effort: an unreleased lease expires on its own.
-            let mut master = self.master.clone();
-            let release = pb::ReleaseLeaseRequest { lease_id: reply.lease_id };
-            tokio::spawn(async move {
-                if let Err(e) = master.release_lease(release).await {
-                    tracing::debug!("lease release failed (it will expire): {e}");
-                }
-            });
-        }
-        let hits = found.iter().filter(|f| f.is_some()).count() as u64;
-        self.metrics.hits.fetch_add(hits, Ordering::Relaxed);
-        self.metrics.misses.fetch_add(keys.len() as u64 - hits, Ordering::Relaxed);
-        Ok(found)
     }
 
     /// Takes the best remaining replica: DRAM before SSD, same host first.
@@ -587,7 +707,13 @@ impl StoreClient {
         Ok((reply.exists, reply.longest_prefix as usize))
     }
 
+    /// Removes keys from the store (and from this client's known
+    /// locations; another client that knew a removed block's location may
+    /// still read its bytes until the range is written over).
     pub async fn remove(&self, keys: &[BlockKey]) -> Result<u32, StoreError> {
+        for k in keys {
+            self.locations.forget(k);
+        }
         let req = pb::RemoveRequest { keys: keys.iter().map(|k| k.0).collect() };
         Ok(self.master.clone().remove(req).await?.into_inner().removed)
     }
