@@ -246,7 +246,7 @@ fn a_connection_reset_mid_frame_fails_the_batch_cleanly_and_the_node_keeps_servi
                 let t: Arc<dyn Transport> = Arc::new(TcpTransport::new(addr, cfg));
                 let mut bufs: Vec<Vec<u8>> = locations.iter().map(|_| vec![0u8; LEN]).collect();
                 let mut ops: Vec<ReadOp<'_>> =
-                    locations.iter().zip(bufs.iter_mut()).map(|((_, src), dst)| ReadOp { src: *src, dst }).collect();
+                    locations.iter().zip(bufs.iter_mut()).map(|((_, src), dst)| ReadOp::new(*src, dst)).collect();
                 let start = Instant::now();
                 let results = t.read(&mut ops).await;
                 let took = start.elapsed();

@@ -459,7 +459,7 @@ impl StorageNode for NodeRpc {
         let dst = seg.slice_mut(dest.offset, len).map_err(|e| Status::invalid_argument(e.to_string()))?;
         let transport =
             connect(&source_peer, &self.host_id, &self.transport).map_err(|e| Status::unavailable(e.to_string()))?;
-        let mut ops = [ReadOp { src: source.location, dst }];
+        let mut ops = [ReadOp::new(source.location, dst)];
         let result = transport.read(&mut ops).await.into_iter().next().unwrap_or(Err(TransferError::NotFound));
         let ok = match result {
             Ok(()) => BlockChecksum(dest.checksum).verify(ops[0].dst),

@@ -92,7 +92,7 @@ fn bytes(seed: u8) -> Vec<u8> {
 
 async fn read(t: &TcpTransport, at: Location) -> Result<Vec<u8>, TransferError> {
     let mut buf = vec![0u8; BLOCK];
-    let mut ops = [ReadOp { src: at, dst: &mut buf }];
+    let mut ops = [ReadOp::new(at, &mut buf)];
     t.read(&mut ops).await.remove(0)?;
     Ok(buf)
 }

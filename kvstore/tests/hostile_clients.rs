@@ -132,7 +132,7 @@ fn assert_denied(r: Result<(), TransferError>, what: &str) {
 
 async fn raw_bytes(t: &TcpTransport, segment: u32, offset: u64, len: usize) -> Vec<u8> {
     let mut buf = vec![0u8; len];
-    let r = t.read(&mut [ReadOp { src: Location::Dram { segment, offset }, dst: &mut buf }]).await.remove(0);
+    let r = t.read(&mut [ReadOp::new(Location::Dram { segment, offset }, &mut buf)]).await.remove(0);
     r.unwrap();
     buf
 }

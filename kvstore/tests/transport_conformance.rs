@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, RngCore, SeedableRng};
+use tandem_kvstore::checksum::BlockChecksum;
 use tandem_kvstore::segment::Segment;
 use tandem_kvstore::ssd::block_file_name;
 use tandem_kvstore::transport::frame::{self, FrameHeader, Opcode, Status, HEADER_LEN, TRAILER_LEN};
@@ -138,9 +139,17 @@ async fn write_all(t: &dyn Transport, blocks: &[(Location, Vec<u8>)]) -> Vec<Res
 async fn read_all(t: &dyn Transport, locs: &[(Location, usize)]) -> (Vec<Result<(), TransferError>>, Vec<Vec<u8>>) {
     let mut bufs: Vec<Vec<u8>> = locs.iter().map(|(_, len)| vec![0u8; *len]).collect();
     let mut ops: Vec<ReadOp<'_>> =
-        locs.iter().zip(bufs.iter_mut()).map(|((src, _), dst)| ReadOp { src: *src, dst }).collect();
+        locs.iter().zip(bufs.iter_mut()).map(|((src, _), dst)| ReadOp::new(*src, dst)).collect();
     let results = t.read(&mut ops).await;
+    let sums: Vec<Option<u64>> = ops.iter().map(|op| op.checksum).collect();
     drop(ops);
+    // A checksum a transport hands back must be the bytes' own (readers
+    // skip hashing when one is given).
+    for (i, (sum, buf)) in sums.iter().zip(&bufs).enumerate() {
+        if let (Some(sum), Ok(())) = (sum, &results[i]) {
+            assert_eq!(*sum, BlockChecksum::of(buf).0, "op {i}: the transport's checksum is not its bytes'");
+        }
+    }
     (results, bufs)
 }
 
@@ -990,7 +999,7 @@ async fn best_of<F: std::future::Future<Output = f64>>(mut run: impl FnMut() -> 
 
 async fn read_round(t: &dyn Transport, locs: &[(Location, usize)], bufs: &mut [Vec<u8>]) {
     let mut ops: Vec<ReadOp<'_>> =
-        locs.iter().zip(bufs.iter_mut()).map(|((src, _), dst)| ReadOp { src: *src, dst }).collect();
+        locs.iter().zip(bufs.iter_mut()).map(|((src, _), dst)| ReadOp::new(*src, dst)).collect();
     assert_all_ok(&t.read(&mut ops).await);
 }
 

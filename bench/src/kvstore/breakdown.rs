@@ -151,7 +151,7 @@ pub async fn measure(input: BreakdownInput<'_>, mut redis: Option<&mut RespConn>
             bail!("GetReplicas missed a stored key");
         };
         let replica = replica_from_pb(key, entry.replicas.into_iter().next().context("no replica")?)?;
-        let mut ops = [ReadOp { src: replica.location, dst: &mut buf[..] }];
+        let mut ops = [ReadOp::new(replica.location, &mut buf[..])];
         check(transport.read(&mut ops).await)?;
         let t2 = Instant::now();
         let ok = BlockChecksum::of(&buf).0 == entry.checksum;

@@ -212,7 +212,7 @@ async fn read_blocks(t: &ShmTransport, caller: &mut [u8], block: usize, per_batc
             .map(|dst| {
                 let offset = index * block as u64;
                 index += 1;
-                ReadOp { src: Location::Dram { segment: 0, offset }, dst }
+                ReadOp::new(Location::Dram { segment: 0, offset }, dst)
             })
             .collect();
         check(t.read(&mut ops).await)?;

@@ -207,7 +207,7 @@ async fn read_batch(t: &TcpTransport, caller: &mut [u8], block: usize) -> anyhow
     let mut ops: Vec<ReadOp<'_>> = caller
         .chunks_exact_mut(block)
         .enumerate()
-        .map(|(i, dst)| ReadOp { src: Location::Dram { segment: 0, offset: (i * block) as u64 }, dst })
+        .map(|(i, dst)| ReadOp::new(Location::Dram { segment: 0, offset: (i * block) as u64 }, dst))
         .collect();
     check(t.read(&mut ops).await)
 }

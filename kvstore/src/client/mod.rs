@@ -598,7 +598,7 @@ impl StoreClient {
                 let mut ops: Vec<ReadOp<'_>> = Vec::with_capacity(dsts.len());
                 let mut meta = Vec::with_capacity(dsts.len());
                 for (i, r, dst) in dsts {
-                    ops.push(ReadOp { src: r.location, dst });
+                    ops.push(ReadOp::new(r.location, dst));
                     meta.push((i, r));
                 }
                 let results = match &peer {
@@ -609,7 +609,10 @@ impl StoreClient {
                     .into_iter()
                     .zip(ops)
                     .zip(results)
-                    .map(|(((i, r), op), res)| (i, r, res.map(|()| BlockChecksum::of(op.dst).0)))
+                    .map(|(((i, r), op), res)| {
+                        // Transports that hashed the bytes in flight save a pass.
+                        (i, r, res.map(|()| op.checksum.unwrap_or_else(|| BlockChecksum::of(op.dst).0)))
+                    })
                     .collect();
                 verdicts
             });

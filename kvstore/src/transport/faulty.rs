@@ -209,18 +209,26 @@ impl Transport for FaultyTransport {
             for (i, op) in ops.iter_mut().enumerate() {
                 if !plan.dropped[i] {
                     index.push(i);
-                    forwarded.push(ReadOp { src: op.src, dst: &mut *op.dst });
+                    forwarded.push(ReadOp::new(op.src, &mut *op.dst));
                 }
             }
             let mut inner = self.inner.read(&mut forwarded).await.into_iter();
+            let mut sums = vec![None; plan.dropped.len()];
             for (op, &i) in forwarded.iter_mut().zip(&index) {
                 let result = inner.next().unwrap_or_else(|| Err(missing()));
                 if let (Ok(()), Some(at), false) = (&result, plan.corrupt_at[i], op.dst.is_empty()) {
                     let at = at % op.dst.len();
                     op.dst[at] ^= 0xff;
                     self.faults.count_corruption();
+                } else {
+                    // Bytes left as the inner transport hashed them.
+                    sums[i] = op.checksum;
                 }
                 results[i] = result;
+            }
+            drop(forwarded);
+            for (op, sum) in ops.iter_mut().zip(sums) {
+                op.checksum = sum;
             }
             results
         })

@@ -54,6 +54,17 @@ pub struct ReadOp<'a> {
     pub src: Location,
     /// Caller memory the block lands in.
     pub dst: &'a mut [u8],
+    /// Set by a transport that hashed the bytes as they arrived, with the
+    /// block checksum's function (xxh3-64 of all of `dst`), so that the
+    /// reader need not hash them again. `None` when the transport did not
+    /// (or changed the bytes since).
+    pub checksum: Option<u64>,
+}
+
+impl<'a> ReadOp<'a> {
+    pub fn new(src: Location, dst: &'a mut [u8]) -> ReadOp<'a> {
+        ReadOp { src, dst, checksum: None }
+    }
 }
 
 /// Write one block from caller memory to a DRAM range the master reserved.

@@ -225,7 +225,7 @@ impl RdmaTransport {
             match op.src {
                 Location::Ssd { .. } => {
                     ssd_index.push(i);
-                    ssd_ops.push(ReadOp { src: op.src, dst: &mut *op.dst });
+                    ssd_ops.push(ReadOp::new(op.src, &mut *op.dst));
                 }
                 Location::Dram { .. } => dram.push((i, op.src, Local::Dst(&mut *op.dst))),
             }

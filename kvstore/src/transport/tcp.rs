@@ -30,8 +30,8 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpSocket;
 
 use super::frame::{
-    hello_frame, FrameHeader, HeaderError, Opcode, PayloadHasher, Status, FLAG_GRANT, GRANT_LEN, HEADER_LEN, IO_CHUNK,
-    MAX_ERROR_MESSAGE, TRAILER_LEN,
+    hello_frame, payload_checksum, FrameHeader, HeaderError, Opcode, PayloadHasher, Status, FLAG_GRANT, GRANT_LEN,
+    HEADER_LEN, IO_CHUNK, MAX_ERROR_MESSAGE, TRAILER_LEN,
 };
 use super::{BoxFuture, ReadOp, TcpConfig, TransferError, Transport, TransportKind, WriteOp};
 use crate::types::Location;
@@ -408,7 +408,10 @@ async fn read_exchange(
     };
     let recv = async {
         for &i in &pending {
-            slots[i] = Some(recv_read_reply(reader, base + i as u64, ops[i].dst, timeout).await?);
+            let reply = recv_read_reply(reader, base + i as u64, ops[i].dst, timeout).await?;
+            // The trailer hash is the block checksum's function over exactly
+            // the block's bytes: hand it on.
+            slots[i] = Some(reply.map(|sum| ops[i].checksum = Some(sum)));
         }
         Ok(())
     };
@@ -494,21 +497,22 @@ async fn recv_error_message(
         return Err(TransferError::Protocol(format!("error message of {} bytes", h.payload_len)));
     }
     let mut msg = vec![0u8; h.payload_len as usize];
-    if !recv_payload(reader, &mut msg, timeout).await? {
+    if recv_payload(reader, &mut msg, timeout).await?.is_none() {
         return Err(TransferError::Protocol("error message checksum mismatch".to_owned()));
     }
     Ok(String::from_utf8_lossy(&msg).into_owned())
 }
 
 /// Receives a payload into `dst`, hashing each chunk while it is in cache;
-/// `Ok(false)` when the trailer does not match.
+/// `Ok(Some(hash))` when the trailer matches (the payload's xxh3-64),
+/// `Ok(None)` when it does not.
 async fn recv_payload(
     reader: &mut BufReader<OwnedReadHalf>,
     dst: &mut [u8],
     timeout: Duration,
-) -> Result<bool, TransferError> {
+) -> Result<Option<u64>, TransferError> {
     if dst.is_empty() {
-        return Ok(true);
+        return Ok(Some(payload_checksum(dst)));
     }
     let mut hasher = PayloadHasher::default();
     for chunk in dst.chunks_mut(IO_CHUNK) {
@@ -517,24 +521,24 @@ async fn recv_payload(
     }
     let mut trailer = [0u8; TRAILER_LEN];
     timed(timeout, reader.read_exact(&mut trailer)).await?;
-    Ok(u64::from_le_bytes(trailer) == hasher.finish())
+    let sum = hasher.finish();
+    Ok((u64::from_le_bytes(trailer) == sum).then_some(sum))
 }
 
 /// The outer error means the connection is unusable; the inner result is
-/// the op's.
+/// the op's: the block's xxh3-64 when it arrived intact.
 async fn recv_read_reply(
     reader: &mut BufReader<OwnedReadHalf>,
     id: u64,
     dst: &mut [u8],
     timeout: Duration,
-) -> Result<Result<(), TransferError>, TransferError> {
+) -> Result<Result<u64, TransferError>, TransferError> {
     let h = recv_header(reader, id, timeout).await?;
     match h.op() {
         Some(Opcode::Data) if h.payload_len == dst.len() as u64 && h.len == h.payload_len => {
-            if recv_payload(reader, dst, timeout).await? {
-                Ok(Ok(()))
-            } else {
-                Ok(Err(TransferError::Protocol("read payload checksum mismatch".to_owned())))
+            match recv_payload(reader, dst, timeout).await? {
+                Some(sum) => Ok(Ok(sum)),
+                None => Ok(Err(TransferError::Protocol("read payload checksum mismatch".to_owned()))),
             }
         }
         Some(Opcode::Data) => {
