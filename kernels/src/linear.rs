@@ -176,9 +176,12 @@ impl OutPtr<'_> {
     }
 }
 
-/// Products below this many multiply-adds run on the calling thread: rayon's
-/// fork/join costs a few microseconds.
-const PARALLEL_MIN_MACS: usize = 1 << 18;
+/// Products below this many multiply-adds run on the calling thread. A fork
+/// from a pool thread costs about a microsecond (the model runs each layer
+/// as a pool job), so a decode step's K and V projections (110 k
+/// multiply-adds, ~6 µs) are worth splitting; from outside the pool a
+/// product pays a hand-over and a wake-up, a few microseconds.
+const PARALLEL_MIN_MACS: usize = 1 << 16;
 /// Column chunks per thread, for load balance.
 const CHUNKS_PER_THREAD: usize = 4;
 

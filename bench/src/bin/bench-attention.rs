@@ -6,11 +6,10 @@
 //! one layer, a batch of sequences decoding one token each.
 
 use clap::Parser;
-use rayon::prelude::*;
 use serde_json::json;
 use std::time::Instant;
 use tandem_bench::{baseline, stats};
-use tandem_kernels::attention::{attend, AttendArgs, KvGeometry};
+use tandem_kernels::attention::{attend_batch, BatchArgs, BatchRow, KvGeometry};
 
 #[derive(Parser)]
 #[command(about = "Paged decode attention vs memory bandwidth")]
@@ -36,17 +35,14 @@ const KV_HEADS: usize = 3;
 const HEAD_DIM: usize = 64;
 const GROUP: usize = 3;
 
-/// Seconds for one decode step of `batch` sequences of `ctx` tokens.
-fn time_step(pool: &[f32], geometry: KvGeometry, tables: &[Vec<u32>], ctx: usize, q: &[f32]) -> f64 {
+/// Seconds for one decode step of `batch` sequences of `ctx` tokens (the
+/// engine's batched call: rows, or runs of chunks of them, over the pool).
+fn time_step(pool: &[f32], geometry: KvGeometry, tables: &[Vec<u32>], ctx: usize, q: &[f32], out: &mut [f32]) -> f64 {
+    let rows: Vec<BatchRow<'_>> = tables.iter().map(|t| BatchRow { block_table: t, context_len: ctx }).collect();
+    let args = BatchArgs { geometry, layer: 0, scale: 0.125, rows: &rows };
     let start = Instant::now();
-    tables.par_iter().for_each_init(
-        || (vec![0f32; q.len()], Vec::new()),
-        |(out, scratch), table| {
-            let args = AttendArgs { geometry, layer: 0, block_table: table, context_len: ctx, scale: 0.125 };
-            attend(q, pool, &args, out, scratch);
-            std::hint::black_box(&out);
-        },
-    );
+    attend_batch(q, pool, &args, out);
+    std::hint::black_box(&out);
     start.elapsed().as_secs_f64()
 }
 
@@ -74,7 +70,9 @@ fn main() -> anyhow::Result<()> {
     if args.threads > 0 {
         rayon::ThreadPoolBuilder::new().num_threads(args.threads).build_global()?;
     }
-    let q: Vec<f32> = (0..KV_HEADS * GROUP * HEAD_DIM).map(|i| (i % 13) as f32 / 13.0).collect();
+    let q_dim = KV_HEADS * GROUP * HEAD_DIM;
+    let q: Vec<f32> = (0..args.batch * q_dim).map(|i| (i % 13) as f32 / 13.0).collect();
+    let mut out = vec![0f32; q.len()];
     let bandwidth = baseline::read_bandwidth(1 << 30, 5);
     println!("read bandwidth (same run, {} threads): {:.2} GB/s", rayon::current_num_threads(), bandwidth / 1e9);
     println!(
@@ -84,10 +82,11 @@ fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &ctx in &args.contexts {
         let bytes = (args.batch * ctx * 2 * KV_HEADS * HEAD_DIM * 4) as f64;
-        let measure = |page_tokens, scatter| {
+        let mut measure = |page_tokens, scatter| {
             let (pool, geometry, tables) = layout(args.batch, ctx, page_tokens, scatter);
-            time_step(&pool, geometry, &tables, ctx, &q); // warm up
-            let times: Vec<f64> = (0..args.runs).map(|_| time_step(&pool, geometry, &tables, ctx, &q)).collect();
+            time_step(&pool, geometry, &tables, ctx, &q, &mut out); // warm up
+            let times: Vec<f64> =
+                (0..args.runs).map(|_| time_step(&pool, geometry, &tables, ctx, &q, &mut out)).collect();
             stats::median(&times)
         };
         let paged = measure(16, true);
