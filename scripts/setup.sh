@@ -120,3 +120,26 @@ if ! "$openai_venv/bin/python" -c \
     fi
     rm -f "$log"
 fi
+
+# --- NVRTC for the CUDA kernels' compile check ---------------------------------
+# kernels/tests/cuda_nvrtc.rs compiles every CUDA kernel to PTX with NVRTC,
+# which needs no GPU and no driver, only libnvrtc (and its builtins), shipped
+# in NVIDIA's PyPI wheel. It goes into its own virtualenv under target/; the
+# test finds it there (or at $TANDEM_NVRTC_LIB). Bump the pin here.
+NVRTC_VERSION=12.9.86
+nvrtc_venv="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/target/pyenv/nvrtc"
+if ! "$nvrtc_venv/bin/python" -c \
+    'import importlib.metadata as m, sys; sys.exit(m.version("nvidia-cuda-nvrtc-cu12") != sys.argv[1])' \
+    "$NVRTC_VERSION" >/dev/null 2>&1; then
+    say "installing NVRTC $NVRTC_VERSION (nvidia-cuda-nvrtc-cu12) into $nvrtc_venv"
+    log=$(mktemp)
+    if ! { python3 -m venv "$nvrtc_venv" &&
+        "$nvrtc_venv/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+            "nvidia-cuda-nvrtc-cu12==$NVRTC_VERSION"; } >"$log" 2>&1; then
+        cat "$log" >&2
+        rm -f "$log"
+        say "could not install NVRTC into $nvrtc_venv"
+        exit 1
+    fi
+    rm -f "$log"
+fi

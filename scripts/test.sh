@@ -8,3 +8,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release -p tandem-conductor --bin tandem
 target/release/tandem model fetch smollm2
 cargo test --workspace --release
+# The CUDA backend (feature `cuda`): its launch/probe unit tests, the NVRTC
+# compile check of every kernel (libnvrtc from scripts/setup.sh) and the
+# parity tests, whose GPU half skips, saying why, without a GPU. ~1 min extra.
+cargo test --release -p tandem-kernels --features cuda

@@ -10,10 +10,14 @@
 //!   attention over paged KV.
 //! - [`cpu`] — runtime CPU feature detection.
 //! - [`device`] — the compute device selection; CUDA behind feature `cuda`.
+//! - `cuda` (feature `cuda`) — the CUDA backend: NVRTC-compiled kernels
+//!   (RMSNorm, RoPE, SwiGLU, paged decode and prefill attention) and cuBLAS.
 
 pub mod attention;
 pub mod bytes;
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod device;
 pub mod dtype;
 pub mod linear;
