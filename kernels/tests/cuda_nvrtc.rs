@@ -6,24 +6,15 @@
 //! no libnvrtc can be found.
 #![cfg(feature = "cuda")]
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use tandem_kernels::cuda::nvrtc::{self, NVRTC_LIB_ENV};
 use tandem_kernels::cuda::sources::{self, KernelSource};
 
-/// Where `scripts/setup.sh` puts the wheel's library:
-/// `target/pyenv/nvrtc/lib/python3.*/site-packages/nvidia/cuda_nvrtc/lib/`.
-fn setup_sh_nvrtc() -> Option<PathBuf> {
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.join("target/pyenv/nvrtc/lib");
-    std::fs::read_dir(lib)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path().join("site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"))
-        .find(|p| p.is_file())
-}
-
 /// Loads NVRTC, or says why the test cannot run.
 fn nvrtc_or_skip() -> Option<String> {
-    let explicit = std::env::var_os(NVRTC_LIB_ENV).map(PathBuf::from).or_else(setup_sh_nvrtc);
+    let explicit = std::env::var_os(NVRTC_LIB_ENV).map(PathBuf::from).or_else(common::setup_sh_nvrtc);
     let from = match explicit {
         Some(path) => match nvrtc::load_nvrtc_from(&path) {
             Ok(()) => path.display().to_string(),

@@ -10,10 +10,12 @@
 //! relative to `1 + |expected|`.
 #![cfg(feature = "cuda")]
 
+mod common;
+
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::OnceLock;
 use tandem_kernels::attention::{attend_batch_with, BatchArgs, BatchRow, KvGeometry};
 use tandem_kernels::cpu::SimdLevel;
@@ -165,7 +167,7 @@ impl Cuda {
     fn get() -> Option<&'static Cuda> {
         static CUDA: OnceLock<Result<Cuda, String>> = OnceLock::new();
         let cuda = CUDA.get_or_init(|| {
-            if let Some(path) = std::env::var_os(NVRTC_LIB_ENV).map(PathBuf::from).or_else(setup_sh_nvrtc) {
+            if let Some(path) = std::env::var_os(NVRTC_LIB_ENV).map(PathBuf::from).or_else(common::setup_sh_nvrtc) {
                 // NVRTC from scripts/setup.sh when the system has none.
                 nvrtc::load_nvrtc_from(&path).map_err(|e| e.to_string())?;
             }
@@ -227,16 +229,6 @@ impl Backend for Cuda {
         self.gemm.linear(&x.as_view(), &w.as_view(), (rows, k, n), &mut out.as_view_mut()).expect("gemm");
         self.down(&out)
     }
-}
-
-/// Where `scripts/setup.sh` installs NVRTC (see tests/cuda_nvrtc.rs).
-fn setup_sh_nvrtc() -> Option<PathBuf> {
-    let lib = Path::new(env!("CARGO_MANIFEST_DIR")).parent()?.join("target/pyenv/nvrtc/lib");
-    std::fs::read_dir(lib)
-        .ok()?
-        .filter_map(Result::ok)
-        .map(|e| e.path().join("site-packages/nvidia/cuda_nvrtc/lib/libnvrtc.so.12"))
-        .find(|p| p.is_file())
 }
 
 fn rng(test: &str) -> StdRng {
