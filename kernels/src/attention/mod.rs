@@ -237,14 +237,16 @@ pub fn attend_batch_with<T: KvElem>(level: SimdLevel, q: &[f32], pool: &[T], arg
     let slot_total = chunks.iter().zip(&split).map(|(&c, &s)| if s { c * part_len } else { 0 }).sum();
     let mut slots = vec![0f32; slot_total];
 
-    let mut out_rows: Vec<Option<&mut [f32]>> = out.chunks_exact_mut(q_dim).map(Some).collect();
     let mut tasks: Vec<Task<'_>> = Vec::new();
+    // Split rows' outputs, written after their chunks are folded.
+    let mut merges: Vec<(usize, &mut [f32])> = Vec::new();
     let mut rest: &mut [f32] = &mut slots;
-    for r in 0..n {
+    for (r, out_row) in out.chunks_exact_mut(q_dim).enumerate().take(n) {
         if !split[r] {
-            tasks.push(Task::Row { row: r, out: out_rows[r].take().expect("each row once") });
+            tasks.push(Task::Row { row: r, out: out_row });
             continue;
         }
+        merges.push((r, out_row));
         let runs = chunks[r].div_ceil(per_task);
         for k in 0..runs {
             let (c0, c1) = (chunks[r] * k / runs, chunks[r] * (k + 1) / runs);
@@ -273,8 +275,6 @@ pub fn attend_batch_with<T: KvElem>(level: SimdLevel, q: &[f32], pool: &[T], arg
     });
 
     // Fold the split rows: the first run's fold, then every later chunk.
-    let merges: Vec<(usize, &mut [f32])> =
-        out_rows.into_iter().enumerate().filter_map(|(r, o)| o.map(|o| (r, o))).collect();
     merges.into_par_iter().for_each(|(r, out)| {
         let p = problem(r);
         let runs = chunks[r].div_ceil(per_task);
