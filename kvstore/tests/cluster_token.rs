@@ -11,8 +11,8 @@ use std::time::Duration;
 
 use tandem_kvstore::client::{ClientConfig, StoreClient};
 use tandem_kvstore::grant::WriteGrant;
-use tandem_kvstore::master::{self, MasterConfig, MasterHandle};
-use tandem_kvstore::node::{self, NodeHandle, StorageConfig};
+use tandem_kvstore::master::{self, MasterConfig};
+use tandem_kvstore::node::{self, StorageConfig};
 use tandem_kvstore::transport::frame::{self, FrameHeader, Opcode, Status, HEADER_LEN};
 use tandem_kvstore::transport::{
     ReadOp, TcpConfig, TcpTransport, TransferError, Transport, TransportConfig, TransportPreference, WriteOp,
@@ -32,11 +32,7 @@ fn token(t: &str) -> ClusterToken {
     ClusterToken::new(t).unwrap()
 }
 
-struct Store {
-    master: MasterHandle,
-    node: NodeHandle,
-    _dir: tempfile::TempDir,
-}
+use common::OneNode as Store;
 
 async fn start_store() -> Store {
     let dir = tempfile::tempdir().unwrap();
@@ -78,11 +74,6 @@ impl Store {
             ..ClientConfig::default()
         };
         StoreClient::new(cfg).unwrap()
-    }
-
-    async fn stop(self) {
-        self.node.shutdown().await;
-        self.master.shutdown().await;
     }
 }
 

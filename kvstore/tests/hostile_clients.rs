@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 use tandem_kvstore::checksum::BlockChecksum;
 use tandem_kvstore::client::{BlockWrite, ClientConfig, PutOutcome, StoreClient};
 use tandem_kvstore::grant::{GrantKey, WriteGrant};
-use tandem_kvstore::master::{self, MasterConfig, MasterHandle};
-use tandem_kvstore::node::{self, NodeHandle};
+use tandem_kvstore::master::{self, MasterConfig};
+use tandem_kvstore::node;
 use tandem_kvstore::transport::{
     ReadOp, TcpConfig, TcpTransport, TransferError, Transport, TransportConfig, TransportPreference, WriteOp,
 };
@@ -31,11 +31,7 @@ fn block(key: u64, len: usize) -> Vec<u8> {
     (0..len).map(|i| (key as usize).wrapping_mul(131).wrapping_add(i * 7 + i / 251) as u8).collect()
 }
 
-struct Store {
-    master: MasterHandle,
-    node: NodeHandle,
-    _dir: tempfile::TempDir,
-}
+use common::OneNode as Store;
 
 async fn start_store(put_timeout_ms: u64) -> Store {
     let dir = tempfile::tempdir().unwrap();
@@ -82,11 +78,6 @@ impl Store {
         let mut c = StorageNodeClient::connect(format!("http://{}", self.node.control_addr)).await.unwrap();
         let reply = c.node_stats(pb::NodeStatsRequest {}).await.unwrap().into_inner();
         reply.counters.get(name).copied().unwrap_or(0)
-    }
-
-    async fn stop(self) {
-        self.node.shutdown().await;
-        self.master.shutdown().await;
     }
 }
 

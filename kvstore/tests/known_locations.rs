@@ -10,8 +10,8 @@ mod common;
 use std::sync::atomic::Ordering;
 
 use tandem_kvstore::client::{ClientConfig, StoreClient};
-use tandem_kvstore::master::{self, MasterHandle};
-use tandem_kvstore::node::{self, NodeHandle};
+use tandem_kvstore::master;
+use tandem_kvstore::node;
 use tandem_kvstore::transport::{TransportConfig, TransportPreference};
 use tandem_proto::kvstore as pb;
 use tandem_proto::BlockKey;
@@ -23,11 +23,7 @@ fn block(key: u64, len: usize) -> Vec<u8> {
     (0..len).map(|i| (key as usize).wrapping_mul(37).wrapping_add(i * 11 + i / 253) as u8).collect()
 }
 
-struct Store {
-    master: MasterHandle,
-    node: NodeHandle,
-    _dir: tempfile::TempDir,
-}
+use common::OneNode as Store;
 
 async fn start_store() -> Store {
     let dir = tempfile::tempdir().unwrap();
@@ -63,11 +59,6 @@ impl Store {
         m.release_lease(pb::ReleaseLeaseRequest { lease_id: reply.lease_id }).await.unwrap();
         let r = &reply.entries[0].replicas[0];
         (r.segment, r.offset)
-    }
-
-    async fn stop(self) {
-        self.node.shutdown().await;
-        self.master.shutdown().await;
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tandem_kvstore::master::{MasterConfig, MasterHandle};
-use tandem_kvstore::node::StorageConfig;
+use tandem_kvstore::node::{NodeHandle, StorageConfig};
 
 /// A master on a loopback port that hears heartbeats every 100 ms and
 /// ticks every 20 ms, so tests see registrations and timeouts quickly.
@@ -47,5 +47,20 @@ where
     while !done().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A master and one storage node in this process, with the directory
+/// holding the node's files (removed when dropped).
+pub struct OneNode {
+    pub master: MasterHandle,
+    pub node: NodeHandle,
+    pub _dir: tempfile::TempDir,
+}
+
+impl OneNode {
+    pub async fn stop(self) {
+        self.node.shutdown().await;
+        self.master.shutdown().await;
     }
 }
