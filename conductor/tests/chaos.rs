@@ -124,8 +124,12 @@ fn requests_survive_seeded_kills_and_restarts_of_every_node_kind() {
                         "ignore_eos": true, "stream": true});
                     let start = Instant::now();
                     let outcome = stream_completion(http, &body, CLIENT_TIMEOUT);
-                    if matches!(outcome, Outcome::Transport(_)) {
-                        // The conductor is down: do not spin.
+                    if matches!(outcome, Outcome::Transport(_) | Outcome::Error(_)) {
+                        // The conductor is down, or it answered with an
+                        // error (a 503 while no decode node is up carries
+                        // `Retry-After`): back off like a real client
+                        // instead of spinning, which would fill the record
+                        // with instant errors and say nothing about retries.
                         std::thread::sleep(Duration::from_millis(500));
                     }
                     records.lock().unwrap().push(Record { prompt: p, start, end: Instant::now(), outcome });
