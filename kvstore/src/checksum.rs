@@ -1,6 +1,6 @@
 //! Block checksums (xxh3-64), written with each block and checked on read.
 
-use xxhash_rust::xxh3::xxh3_64;
+use twox_hash::XxHash3_64;
 
 /// The checksum of a block's bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -8,7 +8,7 @@ pub struct BlockChecksum(pub u64);
 
 impl BlockChecksum {
     pub fn of(bytes: &[u8]) -> Self {
-        BlockChecksum(xxh3_64(bytes))
+        BlockChecksum(XxHash3_64::oneshot(bytes))
     }
 
     /// Whether `bytes` still match; callers treat `false` as a miss.

@@ -28,7 +28,10 @@ use tandem_kvstore::transport::frame::{
 use tandem_kvstore::transport::{DataServer, DataTarget, TcpConfig, TransferError};
 use tandem_proto::BlockKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use xxhash_rust::xxh3::xxh3_64;
+use twox_hash::XxHash3_64;
+fn xxh3_64(b: &[u8]) -> u64 {
+    XxHash3_64::oneshot(b)
+}
 
 // ----------------------------------------------------------- frame_header
 

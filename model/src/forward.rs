@@ -144,21 +144,21 @@ impl Model {
     /// blocks keyed with it (see `tandem_proto::KeySalt`) are
     /// interchangeable, and different models never share keys.
     pub fn fingerprint(&self) -> String {
-        use xxhash_rust::xxh3::Xxh3;
-        let mut h = Xxh3::new();
-        h.update(format!("{:?}|{:?}", self.config, self.precision).as_bytes());
+        use std::hash::Hasher as _;
+        let mut h = twox_hash::XxHash3_64::new();
+        h.write(format!("{:?}|{:?}", self.config, self.precision).as_bytes());
         if let Some(m) = &self.modeled {
             // No weights to hash; the profile, the scale and the served
             // configuration (vocabulary, scaled geometry) identify it.
             let name = m.profile().name;
-            return format!("modeled-{name}-kv{}-{:016x}", m.kv_scale(), h.digest());
+            return format!("modeled-{name}-kv{}-{:016x}", m.kv_scale(), h.finish());
         }
         let mut row = vec![0.0f32; self.config.hidden_size];
         for t in [0, 1, self.config.vocab_size / 2, self.config.vocab_size - 1] {
             self.weights.embed.dequantize_row(t, &mut row);
-            h.update(bytemuck::cast_slice(&row));
+            h.write(bytemuck::cast_slice(&row));
         }
-        format!("{:016x}", h.digest())
+        format!("{:016x}", h.finish())
     }
 
     /// Runs `steps`, appending their tokens to their sequences' KV, and

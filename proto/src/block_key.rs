@@ -6,7 +6,7 @@
 //! keys mean interchangeable blocks. [`KeySalt::for_tenant`] folds in a
 //! tenant, so tenants never share (or probe) each other's cached prefixes.
 
-use xxhash_rust::xxh3::xxh3_64_with_seed;
+use twox_hash::XxHash3_64;
 
 /// The identity of one full block of KV for one token prefix.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -21,7 +21,7 @@ impl KeySalt {
     /// element type ("f32", "bf16"); `block_tokens` is the block size.
     pub fn new(model_fingerprint: &str, kv_dtype: &str, block_tokens: usize) -> Self {
         let text = format!("tandem-kv-v1\0{model_fingerprint}\0{kv_dtype}\0{block_tokens}");
-        KeySalt(xxh3_64_with_seed(text.as_bytes(), 0))
+        KeySalt(XxHash3_64::oneshot_with_seed(0, text.as_bytes()))
     }
 
     /// The salt of one tenant's blocks. The default tenant (empty) keeps
@@ -34,7 +34,7 @@ impl KeySalt {
             return self;
         }
         let text = format!("tandem-tenant-v1\0{tenant}");
-        KeySalt(xxh3_64_with_seed(text.as_bytes(), self.0))
+        KeySalt(XxHash3_64::oneshot_with_seed(self.0, text.as_bytes()))
     }
 }
 
@@ -43,7 +43,7 @@ fn hash_block(seed: u64, tokens: &[u32]) -> u64 {
     for t in tokens {
         bytes.extend_from_slice(&t.to_le_bytes());
     }
-    xxh3_64_with_seed(&bytes, seed)
+    XxHash3_64::oneshot_with_seed(seed, &bytes)
 }
 
 /// Keys of every **full** block of `tokens`; a trailing partial block has

@@ -64,7 +64,8 @@
 //! when the grant is missing (a storage node requires one), forged, expired
 //! or does not cover the range.
 
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use std::hash::Hasher as _;
+use twox_hash::XxHash3_64;
 
 use super::TransferError;
 pub use crate::grant::GRANT_LEN;
@@ -271,7 +272,7 @@ impl FrameHeader {
         b[32..40].copy_from_slice(&self.len.to_le_bytes());
         b[40..48].copy_from_slice(&self.payload_len.to_le_bytes());
         b[48..50].copy_from_slice(&self.status.to_le_bytes());
-        let sum = xxh3_64(&b[..56]);
+        let sum = XxHash3_64::oneshot(&b[..56]);
         b[56..64].copy_from_slice(&sum.to_le_bytes());
         b
     }
@@ -287,7 +288,7 @@ impl FrameHeader {
         if version != VERSION {
             return Err(HeaderError::VersionMismatch { theirs: version });
         }
-        if xxh3_64(&b[..56]) != u64_at(b, 56) {
+        if XxHash3_64::oneshot(&b[..56]) != u64_at(b, 56) {
             return Err(HeaderError::BadChecksum);
         }
         Ok(FrameHeader {
@@ -320,12 +321,12 @@ fn u64_at(b: &[u8; HEADER_LEN], at: usize) -> u64 {
 /// The trailer value for a payload (xxh3-64, the same as streaming it
 /// through [`PayloadHasher`]).
 pub fn payload_checksum(payload: &[u8]) -> u64 {
-    xxh3_64(payload)
+    XxHash3_64::oneshot(payload)
 }
 
 /// Streaming payload checksum, fed chunk by chunk as bytes move.
 #[derive(Clone)]
-pub struct PayloadHasher(Box<Xxh3>);
+pub struct PayloadHasher(Box<XxHash3_64>);
 
 impl std::fmt::Debug for PayloadHasher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -335,17 +336,17 @@ impl std::fmt::Debug for PayloadHasher {
 
 impl Default for PayloadHasher {
     fn default() -> Self {
-        PayloadHasher(Box::new(Xxh3::new()))
+        PayloadHasher(Box::new(XxHash3_64::new()))
     }
 }
 
 impl PayloadHasher {
     pub fn update(&mut self, bytes: &[u8]) {
-        self.0.update(bytes);
+        self.0.write(bytes);
     }
 
     pub fn finish(&self) -> u64 {
-        self.0.digest()
+        self.0.finish()
     }
 }
 

@@ -253,7 +253,7 @@ pub fn local_host_id() -> String {
         let boot = read("/proc/sys/kernel/random/boot_id");
         let shm_dev = std::fs::metadata(Path::new("/dev/shm")).map(|m| m.dev()).unwrap_or(0);
         let text = format!("{machine}\0{boot}\0{shm_dev}");
-        format!("host-{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+        format!("host-{:016x}", twox_hash::XxHash3_64::oneshot(text.as_bytes()))
     })
     .clone()
 }
