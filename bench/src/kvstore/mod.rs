@@ -181,7 +181,15 @@ pub fn run(cfg: &KvBenchConfig) -> anyhow::Result<Report> {
         eprintln!("[kvstore bench] stage {}/{}: {}", i + 1, stages.len(), describe(*stage));
         let result = match stage {
             Stage::Shm => runtime.block_on(shm::run(&settings.shm, &shm_dir.path)).map(|r| out.shm = Some(r)),
-            Stage::Tcp => runtime.block_on(tcp::run(&settings.tcp, &shm_dir.path)).map(|r| out.tcp = Some(r)),
+            Stage::Tcp => {
+                // On a worker, where a node's store client runs (see `tcp`).
+                let (tcp_settings, dir) = (settings.tcp.clone(), shm_dir.path.clone());
+                runtime
+                    .block_on(runtime.spawn(async move { tcp::run(&tcp_settings, &dir).await }))
+                    .context("the tcp stage's task")
+                    .and_then(|r| r)
+                    .map(|r| out.tcp = Some(r))
+            }
             Stage::Redis => runtime
                 .block_on(versus::run(&settings.versus, &shm_dir.path, work.path()))
                 .map(|r| out.versus = Some(r)),
