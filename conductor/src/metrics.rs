@@ -22,6 +22,13 @@ pub struct NodeRoleLabel {
     pub role: Role,
 }
 
+/// A node's store client reads, by what they met.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeEventLabel {
+    pub node: String,
+    pub event: &'static str,
+}
+
 /// A node's store traffic, by direction.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeDirectionLabel {
@@ -117,6 +124,7 @@ pub struct Metrics {
     pub prefill_tokens: Family<NodeLabel, Gauge>,
     pub compute: Family<NodeRoleLabel, Gauge<f64, AtomicU64>>,
     pub store_bytes: Family<NodeDirectionLabel, Gauge>,
+    pub store_client_reads: Family<NodeEventLabel, Gauge>,
     pub ttft_prediction: Histogram,
     pub decode_batch: Family<NodeLabel, Gauge>,
     pub decode_waiting: Family<NodeLabel, Gauge>,
@@ -150,6 +158,7 @@ impl Metrics {
             prefill_tokens: Family::default(),
             compute: Family::default(),
             store_bytes: Family::default(),
+            store_client_reads: Family::default(),
             ttft_prediction: Histogram::new([0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 4.0, 8.0]),
             decode_batch: Family::default(),
             decode_waiting: Family::default(),
@@ -184,6 +193,13 @@ impl Metrics {
             "store_bytes",
             "KV bytes a node's store client wrote (put) and read (get) since it started (from its status)",
             m.store_bytes.clone(),
+        );
+        r.register(
+            "store_client_reads",
+            "Block reads of a node's store client since it started, by what they met: hit, miss, checksum_mismatch \
+             (bytes that failed their checksum, never returned), read_failure (a transfer failed), location_hit (read \
+             from a remembered location, no master call), stale_location (from its status)",
+            m.store_client_reads.clone(),
         );
         r.register(
             "ttft_prediction_ratio",

@@ -4,7 +4,7 @@
 //! [`crate::dispatch`] moves requests through it.
 
 use crate::config::ConductorConfig;
-use crate::metrics::{Metrics, NodeDirectionLabel, NodeRoleLabel, Role};
+use crate::metrics::{Metrics, NodeDirectionLabel, NodeEventLabel, NodeRoleLabel, Role};
 use crate::nodes::{prefill_prior, record_health, DecodeNode, Health, PrefillNode};
 use crate::schedule::Scheduler;
 use parking_lot::Mutex;
@@ -354,11 +354,30 @@ impl Conductor {
     }
 
     /// A node's forward-pass time and store traffic, as it reported them.
-    fn observe_node(&self, name: &str, role: Role, compute_us: u64, put_bytes: u64, get_bytes: u64) {
+    fn observe_node(
+        &self,
+        name: &str,
+        role: Role,
+        compute_us: u64,
+        (put_bytes, get_bytes): (u64, u64),
+        reads: Option<&pb::StoreClientCounters>,
+    ) {
         let m = &self.metrics;
         m.compute.get_or_create(&NodeRoleLabel { node: name.to_string(), role }).set(compute_us as f64 / 1e6);
         for (direction, bytes) in [("put", put_bytes), ("get", get_bytes)] {
             m.store_bytes.get_or_create(&NodeDirectionLabel { node: name.to_string(), direction }).set(bytes as i64);
+        }
+        if let Some(r) = reads {
+            for (event, n) in [
+                ("hit", r.hits),
+                ("miss", r.misses),
+                ("checksum_mismatch", r.checksum_mismatches),
+                ("read_failure", r.read_failures),
+                ("location_hit", r.location_hits),
+                ("stale_location", r.stale_locations),
+            ] {
+                m.store_client_reads.get_or_create(&NodeEventLabel { node: name.to_string(), event }).set(n as i64);
+            }
         }
     }
 
@@ -373,7 +392,8 @@ impl Conductor {
                 let label = Metrics::node(&n.base.name);
                 self.metrics.prefill_queue.get_or_create(&label).set(s.queued_requests as i64);
                 self.metrics.prefill_tokens.get_or_create(&label).set(s.computed_tokens as i64);
-                self.observe_node(&n.base.name, Role::Prefill, s.compute_us, s.store_put_bytes, s.store_get_bytes);
+                let traffic = (s.store_put_bytes, s.store_get_bytes);
+                self.observe_node(&n.base.name, Role::Prefill, s.compute_us, traffic, s.store_reads.as_ref());
                 n.status = Some(s.clone());
                 (n.base.name.clone(), Role::Prefill, kv_used(s.kv_pages_free, s.kv_pages_total))
             }
@@ -383,7 +403,8 @@ impl Conductor {
                 let label = Metrics::node(&n.base.name);
                 self.metrics.decode_batch.get_or_create(&label).set(s.batch_size as i64);
                 self.metrics.decode_waiting.get_or_create(&label).set(s.waiting as i64);
-                self.observe_node(&n.base.name, Role::Decode, s.compute_us, s.store_put_bytes, s.store_get_bytes);
+                let traffic = (s.store_put_bytes, s.store_get_bytes);
+                self.observe_node(&n.base.name, Role::Decode, s.compute_us, traffic, s.store_reads.as_ref());
                 n.status = Some(s.clone());
                 (n.base.name.clone(), Role::Decode, kv_used(s.kv_pages_free, s.kv_pages_total))
             }

@@ -205,6 +205,13 @@ fn a_burst_is_rejected_early_and_accepted_requests_meet_the_ttft_slo() {
     };
     let (mut tokens, mut secs) = computed();
     assert!(tokens >= 5.0 * 150.0, "the prefill node reports {tokens} computed tokens after the warm-up");
+    // The decode node read those prompts' blocks from the store, all intact,
+    // and its store client's counters reach /metrics.
+    let reads = |event: &str| up.metric(&format!("tandem_store_client_reads{{node=\"decode-0\",event=\"{event}\"}}"));
+    let hits = reads("hit").unwrap_or(0.0);
+    assert!(hits >= 5.0 * 9.0, "the decode node's store client reports {hits} block hits after five 160-token prompts");
+    assert_eq!(reads("checksum_mismatch"), Some(0.0));
+    assert_eq!(reads("miss"), Some(0.0));
     let warm_speed = tokens / secs;
     let mut rejected_total = 0;
     // The predictions can only be as good as the machine is steady: a

@@ -353,6 +353,7 @@ impl Decode for DecodeService {
             compute_us: get(&s.compute_ns) / 1000,
             store_put_bytes: i.store.as_ref().map_or(0, |c| get(&c.metrics().put_bytes)),
             store_get_bytes: i.store.as_ref().map_or(0, |c| get(&c.metrics().get_bytes)),
+            store_reads: i.store.as_ref().map(|c| c.metrics().read_counters()),
         }))
     }
 

@@ -227,6 +227,7 @@ impl Prefill for PrefillService {
             compute_us: s.compute_ns.load(Ordering::Relaxed) / 1000,
             store_put_bytes: i.store.as_ref().map_or(0, |c| c.metrics().put_bytes.load(Ordering::Relaxed)),
             store_get_bytes: i.store.as_ref().map_or(0, |c| c.metrics().get_bytes.load(Ordering::Relaxed)),
+            store_reads: i.store.as_ref().map(|c| c.metrics().read_counters()),
         }))
     }
 

@@ -154,6 +154,22 @@ pub struct ClientMetrics {
     pub stale_locations: AtomicU64,
 }
 
+impl ClientMetrics {
+    /// The read counters a node reports in its status (and the conductor
+    /// exports as `tandem_store_client_reads`).
+    pub fn read_counters(&self) -> tandem_proto::worker::StoreClientCounters {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        tandem_proto::worker::StoreClientCounters {
+            hits: get(&self.hits),
+            misses: get(&self.misses),
+            checksum_mismatches: get(&self.checksum_mismatches),
+            read_failures: get(&self.read_failures),
+            location_hits: get(&self.location_hits),
+            stale_locations: get(&self.stale_locations),
+        }
+    }
+}
+
 /// Where a read's replicas came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Source {
