@@ -8,7 +8,11 @@ use std::time::Instant;
 /// of `reps`. This is the ceiling for a kernel that streams its input once.
 pub fn read_bandwidth(bytes: usize, reps: usize) -> f64 {
     let words = bytes / 8;
-    let buf: Vec<u64> = (0..words as u64).collect();
+    // Huge pages where the kernel gives them, like the KV pools measured against it.
+    let mut buf = tandem_model::kv_cache::huge_page_vec(words, 0u64);
+    for (i, x) in buf.iter_mut().enumerate() {
+        *x = i as u64;
+    }
     let chunk = words.div_ceil(rayon::current_num_threads() * 4).max(1 << 12);
     let mut best = 0.0f64;
     for _ in 0..reps {

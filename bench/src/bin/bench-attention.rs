@@ -10,6 +10,7 @@ use serde_json::json;
 use std::time::Instant;
 use tandem_bench::{baseline, stats};
 use tandem_kernels::attention::{attend_batch, BatchArgs, BatchRow, KvGeometry};
+use tandem_model::kv_cache::huge_page_vec;
 
 #[derive(Parser)]
 #[command(about = "Paged decode attention vs memory bandwidth")]
@@ -60,7 +61,11 @@ fn layout(batch: usize, ctx: usize, page_tokens: usize, scatter: bool) -> (Vec<f
             pages.swap(i, (s >> 33) as usize % (i + 1));
         }
     }
-    let pool: Vec<f32> = (0..pages.len() * geometry.page_elems()).map(|i| ((i % 251) as f32 - 125.0) / 125.0).collect();
+    // Allocated like the engine's KV pool (huge pages where the kernel gives them).
+    let mut pool = huge_page_vec(pages.len() * geometry.page_elems(), 0f32);
+    for (i, x) in pool.iter_mut().enumerate() {
+        *x = ((i % 251) as f32 - 125.0) / 125.0;
+    }
     let tables = pages.chunks(per_seq).map(|c| c.to_vec()).collect();
     (pool, geometry, tables)
 }
