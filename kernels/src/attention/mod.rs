@@ -380,13 +380,13 @@ impl<'a, T: KvElem> Problem<'a, T> {
         let v_off = geo.page_tokens * geo.row_elems();
         let shape = chunk::Shape { heads: self.heads, head_dim: geo.head_dim, kv_heads: geo.num_kv_heads, v_off };
         match self.level {
-            // SAFETY: `SimdLevel::Avx2` is only reported when the CPU has
-            // AVX2 and FMA; every row offset addresses a K row (and, `v_off`
+            // SAFETY: `SimdLevel::Avx2` and above are only reported when the
+            // CPU has AVX2 and FMA; every row offset addresses a K row (and, `v_off`
             // further, its V row) inside a page that lies in the pool.
-            SimdLevel::Avx2 if geo.head_dim.is_multiple_of(8) => unsafe {
+            SimdLevel::Avx2 | SimdLevel::Avx512 if geo.head_dim.is_multiple_of(8) => unsafe {
                 avx2::chunk(self.q, self.pool, rows, next, &shape, self.scale, part, &mut scratch.scores)
             },
-            SimdLevel::Avx2 => chunk::portable::<T, chunk::Avx2Math>(
+            SimdLevel::Avx2 | SimdLevel::Avx512 => chunk::portable::<T, chunk::Avx2Math>(
                 self.q,
                 self.pool,
                 rows,

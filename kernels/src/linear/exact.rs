@@ -44,10 +44,10 @@ fn block_product(level: SimdLevel, x: &[f32], m: usize, k: usize, rows: &[f32], 
     let nc = rows.len() / k;
     match level {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `SimdLevel::Avx2` is only reported when the CPU has AVX2,
+        // SAFETY: `SimdLevel::Avx2` and above are only reported when the CPU has AVX2,
         // FMA and F16C. `x` is `m × k`, `rows` is `nc × k`, and this thread
         // owns output columns `j0..j0 + nc`.
-        SimdLevel::Avx2 => unsafe { avx2::block_product(x, m, k, rows, nc, j0, out) },
+        SimdLevel::Avx2 | SimdLevel::Avx512 => unsafe { avx2::block_product(x, m, k, rows, nc, j0, out) },
         _ => {
             for i in 0..m {
                 for (c, wr) in rows.chunks_exact(k).enumerate() {

@@ -10,12 +10,13 @@ use rand::{Rng, SeedableRng};
 const ALL: [DType; 8] =
     [DType::F32, DType::F16, DType::BF16, DType::Q8_0, DType::Q4_0, DType::Q4_1, DType::Q4_K, DType::Q6_K];
 
+/// Every level this CPU runs (the ones above it would silently run lower).
 fn levels() -> Vec<SimdLevel> {
-    let mut v = vec![SimdLevel::Scalar];
-    if crate::cpu::simd_level() == SimdLevel::Avx2 {
-        v.push(SimdLevel::Avx2);
+    let top = crate::cpu::simd_level();
+    if top < SimdLevel::Avx512 {
+        println!("no AVX-512 (VNNI) on this CPU: its kernels are not compared here");
     }
-    v
+    [SimdLevel::Scalar, SimdLevel::Avx2, SimdLevel::Avx512].into_iter().filter(|&l| l <= top).collect()
 }
 
 /// `n × k` random weights of `dtype`: quantized normal-ish values, or for
@@ -154,6 +155,49 @@ fn rows_are_bit_identical_whatever_the_batch_and_the_threads() {
                 x7[..k].iter_mut().for_each(|v| *v = -*v * 3.0);
                 matmul_with(level, &w, &x7, 7, &mut o7, precision);
                 assert_eq!(bits(&o7[n..]), bits(&alone[6 * n..12 * n]), "{ctx}: m=7, first row changed");
+            }
+        }
+    }
+}
+
+#[test]
+fn avx512_fast_path_is_bit_identical_to_avx2_and_close_to_the_scalar_oracle() {
+    if crate::cpu::simd_level() < SimdLevel::Avx512 {
+        println!("skipped: this CPU has no AVX-512 (VNNI)");
+        return;
+    }
+    let seed = 0x512;
+    let mut rng = StdRng::seed_from_u64(seed);
+    // Every tile height (4, 2, 1 rows) and ragged panels (n = 37).
+    let n = 37;
+    for (dtype, k) in
+        [(DType::Q8_0, 576), (DType::Q4_0, 96), (DType::Q4_1, 576), (DType::Q4_1, 1536), (DType::Q4_K, 512)]
+    {
+        let w = random_matrix(&mut rng, dtype, n, k);
+        let wf: Vec<Vec<f32>> = (0..n)
+            .map(|j| {
+                let mut r = vec![0f32; k];
+                w.dequantize_row(j, &mut r);
+                r
+            })
+            .collect();
+        for m in [1, 3, 7, 16] {
+            let x = random_x(&mut rng, m, k);
+            let ctx = format!("seed {seed:#x} {dtype} k={k} m={m}");
+            let (mut fast, mut avx2, mut oracle) = (vec![0f32; m * n], vec![0f32; m * n], vec![0f32; m * n]);
+            matmul_with(SimdLevel::Avx512, &w, &x, m, &mut fast, Precision::Fast);
+            matmul_with(SimdLevel::Avx2, &w, &x, m, &mut avx2, Precision::Fast);
+            matmul_with(SimdLevel::Scalar, &w, &x, m, &mut oracle, Precision::Fast);
+            assert_eq!(bits(&fast), bits(&avx2), "{ctx}: AVX-512 vs AVX2");
+            for i in 0..m {
+                let xi = &x[i * k..(i + 1) * k];
+                for (j, wj) in wf.iter().enumerate() {
+                    // The same integer block products; only the float
+                    // rounding of scaling and summing differs.
+                    let l1: f32 = xi.iter().zip(wj).map(|(a, b)| (a * b).abs()).sum();
+                    let (got, want) = (fast[i * n + j], oracle[i * n + j]);
+                    assert!((got - want).abs() <= 1e-5 * l1 + 1e-30, "{ctx} ({i},{j}): {got} vs scalar {want}");
+                }
             }
         }
     }

@@ -27,9 +27,9 @@ pub fn dequantize_row_with(level: SimdLevel, dtype: DType, src: &[u8], out: &mut
     assert_eq!(Some(src.len()), dtype.row_bytes(out.len()).ok(), "dequantize_row: row length");
     match level {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `SimdLevel::Avx2` is only reported when the CPU has AVX2,
+        // SAFETY: `SimdLevel::Avx2` and above are only reported when the CPU has AVX2,
         // FMA and F16C; the row length was checked above.
-        SimdLevel::Avx2 => unsafe { avx2::dequantize_row(dtype, src, out) },
+        SimdLevel::Avx2 | SimdLevel::Avx512 => unsafe { avx2::dequantize_row(dtype, src, out) },
         _ => dequantize_row(dtype, src, out),
     }
 }

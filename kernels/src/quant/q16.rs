@@ -94,9 +94,9 @@ pub fn quantize_row(level: SimdLevel, x: &[f32], qs: &mut [i16], d: &mut [f32], 
     assert!(x.len() == nb * QK && qs.len() == x.len() && d.len() == nb && s.len() == nb);
     match level {
         #[cfg(target_arch = "x86_64")]
-        // SAFETY: `SimdLevel::Avx2` is only reported when the CPU has
-        // AVX2, FMA and F16C.
-        SimdLevel::Avx2 => unsafe { avx2::quantize_row(x, qs, d, s) },
+        // SAFETY: `SimdLevel::Avx2` and above are only reported when the
+        // CPU has AVX2, FMA and F16C.
+        SimdLevel::Avx2 | SimdLevel::Avx512 => unsafe { avx2::quantize_row(x, qs, d, s) },
         _ => quantize_row_scalar(x, qs, d, s),
     }
 }
@@ -217,7 +217,7 @@ mod tests {
 
     #[test]
     fn avx2_quantizer_matches_scalar_bit_for_bit() {
-        if crate::cpu::simd_level() != SimdLevel::Avx2 {
+        if crate::cpu::simd_level() < SimdLevel::Avx2 {
             return;
         }
         let seed = 7;
