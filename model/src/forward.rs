@@ -251,8 +251,11 @@ impl Model {
             after_layer(l, cache);
         }
 
-        // Logits for the rows that want them.
-        let mut out = Vec::with_capacity(steps.len());
+        // Logits for the rows that want them, through the LM head in one
+        // product (a batch of 16 decode steps would otherwise stream the
+        // 49152-row head 16 times); rows are independent in the kernels, so
+        // each step's logits are the same bits as alone.
+        let (mut picked, mut counts) = (Vec::new(), Vec::with_capacity(steps.len()));
         let mut row = 0;
         for step in steps.iter_mut() {
             let len = step.tokens.len();
@@ -261,11 +264,18 @@ impl Model {
                 Logits::Last => len.saturating_sub(1)..len,
                 Logits::All => 0..len,
             };
-            out.push(self.logits(&b.x[(row + pick.start) * c.hidden_size..(row + pick.end) * c.hidden_size]));
+            picked.extend_from_slice(&b.x[(row + pick.start) * c.hidden_size..(row + pick.end) * c.hidden_size]);
+            counts.push(pick.len());
             let new_len = step.seq.len() + len;
             cache.set_len(step.seq, new_len);
             row += len;
         }
+        let mut all = self.logits(&picked);
+        let mut out: Vec<Vec<f32>> = Vec::with_capacity(steps.len());
+        for &rows in counts.iter().rev() {
+            out.push(all.split_off(all.len() - rows * c.vocab_size));
+        }
+        out.reverse();
         Ok(out)
     }
 
