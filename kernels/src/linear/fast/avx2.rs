@@ -100,24 +100,13 @@ pub(super) unsafe fn block_product<const MIN: bool>(
 ) {
     let (m, k, nb) = (acts.rows(), acts.cols(), acts.cols() / QK);
     assert!(nc >= 1 && u.qs.len() >= nc * k && u.d.len() >= nc * nb && u.m.len() >= nc * nb);
-    let a = |i: usize| Acts { q: acts.qs(i).as_ptr(), d: acts.d(i).as_ptr(), s: acts.s(i).as_ptr() };
+    let a = |i: usize| Acts::row(acts, i);
     let mut i = 0;
     while i < m {
-        let mr = if m - i >= 4 {
-            4
-        } else if m - i >= 2 {
-            2
-        } else {
-            1
-        };
+        let mr = tile_rows(m - i);
         for p0 in (0..nc).step_by(PANEL) {
             let nr = PANEL.min(nc - p0);
-            // Rows past `nr` repeat the last one; their results are
-            // dropped.
-            let w: [Weights; PANEL] = std::array::from_fn(|c| {
-                let r = p0 + c.min(nr - 1);
-                Weights { q: u.qs[r * k..].as_ptr(), d: u.d[r * nb..].as_ptr(), m: u.m[r * nb..].as_ptr() }
-            });
+            let w = panel(u, p0, nr, k, nb);
             let j = j0 + p0;
             // SAFETY: activation rows `i..i + mr ≤ m` and
             // the unpacked rows address `k` quants and `nb`
@@ -227,6 +216,32 @@ pub(super) struct Acts {
     pub(super) q: *const i16,
     pub(super) d: *const f32,
     pub(super) s: *const f32,
+}
+
+impl Acts {
+    pub(super) fn row(acts: &Q16Rows, i: usize) -> Acts {
+        Acts { q: acts.qs(i).as_ptr(), d: acts.d(i).as_ptr(), s: acts.s(i).as_ptr() }
+    }
+}
+
+/// Activation rows the next tile of a `block_product` takes: 4, 2 or 1 of
+/// the `left` still to do.
+pub(super) fn tile_rows(left: usize) -> usize {
+    match left {
+        4.. => 4,
+        2 | 3 => 2,
+        _ => 1,
+    }
+}
+
+/// Unpacked weight rows `p0..p0 + nr` (`nr ≥ 1`) of `k` quants and `nb`
+/// blocks as one panel; slots past `nr` repeat the last row (their results
+/// are dropped).
+pub(super) fn panel(u: &Unpacked, p0: usize, nr: usize, k: usize, nb: usize) -> [Weights; PANEL] {
+    std::array::from_fn(|c| {
+        let r = p0 + c.min(nr - 1);
+        Weights { q: u.qs[r * k..].as_ptr(), d: u.d[r * nb..].as_ptr(), m: u.m[r * nb..].as_ptr() }
+    })
 }
 
 /// # Safety

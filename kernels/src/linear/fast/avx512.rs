@@ -16,7 +16,7 @@
 //! decode ~10% on Zen 4 (512-bit shuffles to interleave blocks), more than
 //! batching gained. Decode and weight unpacking stay the AVX2 kernels.
 
-use super::avx2::{store, Acts, Weights};
+use super::avx2::{panel, store, tile_rows, Acts, Weights};
 use super::{Unpacked, PANEL, QK};
 use crate::linear::exact::avx2::{hsum, tile as f32_tile};
 use crate::linear::OutPtr;
@@ -39,23 +39,13 @@ pub(super) unsafe fn block_product<const MIN: bool>(
 ) {
     let (m, k, nb) = (acts.rows(), acts.cols(), acts.cols() / QK);
     assert!(nc >= 1 && u.qs.len() >= nc * k && u.d.len() >= nc * nb && u.m.len() >= nc * nb);
-    let a = |i: usize| Acts { q: acts.qs(i).as_ptr(), d: acts.d(i).as_ptr(), s: acts.s(i).as_ptr() };
+    let a = |i: usize| Acts::row(acts, i);
     let mut i = 0;
     while i < m {
-        let mr = if m - i >= 4 {
-            4
-        } else if m - i >= 2 {
-            2
-        } else {
-            1
-        };
+        let mr = tile_rows(m - i);
         for p0 in (0..nc).step_by(PANEL) {
             let nr = PANEL.min(nc - p0);
-            // Rows past `nr` repeat the last one; their results are dropped.
-            let w: [Weights; PANEL] = std::array::from_fn(|c| {
-                let r = p0 + c.min(nr - 1);
-                Weights { q: u.qs[r * k..].as_ptr(), d: u.d[r * nb..].as_ptr(), m: u.m[r * nb..].as_ptr() }
-            });
+            let w = panel(u, p0, nr, k, nb);
             let j = j0 + p0;
             // SAFETY: activation rows `i..i + mr ≤ m` and the unpacked rows
             // address `k` quants and `nb` scales/sums/mins each; writes go
